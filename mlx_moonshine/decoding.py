@@ -1,0 +1,245 @@
+"""One decoder for transcribe, eval and in-training evaluation.
+
+`DecodingOptions` is frozen and validated once; it is written into every result file so that a
+baseline and a tuned model are only ever compared under the same settings. Greedy and beam search
+share one loop (`decode_batch`) and differ only in `update`/`finalize`; beam search reorders the KV
+cache in one place (`DecoderCache.reorder`).
+
+Moonshine has no end-of-audio feature besides the learned </s>, and can loop on repeated words; every
+utterance therefore gets a token budget of ceil(max_tokens_per_second x seconds) (upstream issue #89:
+~6.5 tokens per second of speech), floored at `min_token_budget` and capped at `max_new_tokens`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+from typing import Optional, Sequence
+
+import mlx.core as mx
+import numpy as np
+
+from .audio import SAMPLE_RATE, pad_batch
+from .errors import MoonshineError
+
+
+class DecodingError(MoonshineError):
+    """Invalid decoding options."""
+
+
+@dataclass(frozen=True)
+class DecodingOptions:
+    beam_size: int = 1  # 1 = greedy
+    # Beam ranking: None ranks by mean log-probability per token; a float p uses the GNMT penalty
+    # ((5 + length) / 6) ** p.
+    length_penalty: Optional[float] = None
+    max_tokens_per_second: float = 6.5  # token budget per second of audio (see module docstring)
+    min_token_budget: int = 8  # budget floor for very short clips
+    max_new_tokens: int = 224  # absolute cap, whatever the clip length
+    no_repeat_ngram_size: int = 0  # 0 = off: ATC speech legitimately repeats digits ("two two zero")
+    suppress_blank: bool = False  # forbid </s> as the first token (no empty transcripts)
+
+    def __post_init__(self):
+        problems = []
+        if not isinstance(self.beam_size, int) or self.beam_size < 1:
+            problems.append(f"beam_size must be an integer >= 1 (got {self.beam_size!r})")
+        if self.max_tokens_per_second <= 0:
+            problems.append(f"max_tokens_per_second must be > 0 (got {self.max_tokens_per_second})")
+        if self.max_new_tokens < 1:
+            problems.append(f"max_new_tokens must be >= 1 (got {self.max_new_tokens})")
+        if self.min_token_budget < 1:
+            problems.append(f"min_token_budget must be >= 1 (got {self.min_token_budget})")
+        if self.no_repeat_ngram_size < 0:
+            problems.append(f"no_repeat_ngram_size must be >= 0 (got {self.no_repeat_ngram_size})")
+        if problems:
+            raise DecodingError("invalid decoding options: " + "; ".join(problems))
+
+    def token_budget(self, seconds: float) -> int:
+        budget = max(self.min_token_budget, math.ceil(self.max_tokens_per_second * seconds))
+        return min(budget, self.max_new_tokens)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "DecodingOptions":
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise DecodingError(f"unknown decoding options: {', '.join(unknown)}")
+        return cls(**d)
+
+
+@dataclass
+class DecodeResult:
+    tokens: list  # generated ids, without the start token and </s>
+    text: str
+    score: Optional[float] = None  # beam search: the ranking score
+    truncated: bool = False  # stopped by the token budget, not by </s>
+
+
+class GreedyStrategy:
+    """argmax per step (no softmax needed)."""
+
+    def __init__(self, n_audio: int, eos: int):
+        self.beam = 1
+        self.eos = eos
+        self.sequences = [[] for _ in range(n_audio)]
+        self.finished = np.zeros(n_audio, dtype=bool)
+        self.truncated = np.zeros(n_audio, dtype=bool)
+
+    def scores_needed(self) -> bool:
+        return False
+
+    def update(self, logits: mx.array, budget_left: np.ndarray, cache) -> np.ndarray:
+        """logits (N, V) -> next input tokens (N,) as numpy."""
+        next_tokens = np.array(mx.argmax(logits, axis=-1)).astype(np.int64)
+        for i, tok in enumerate(next_tokens):
+            if self.finished[i]:
+                continue
+            if tok == self.eos:
+                self.finished[i] = True
+            else:
+                self.sequences[i].append(int(tok))
+                if budget_left[i] <= 1:
+                    self.finished[i] = self.truncated[i] = True
+        next_tokens[self.finished] = self.eos
+        return next_tokens
+
+    def done(self) -> bool:
+        return bool(self.finished.all())
+
+    def finalize(self):
+        return [(seq, None, bool(t)) for seq, t in zip(self.sequences, self.truncated)]
+
+
+class BeamSearchStrategy:
+    """Beam search over `beam` rows per audio; finished hypotheses are collected until `beam` exist."""
+
+    def __init__(self, n_audio: int, eos: int, beam: int, length_penalty: Optional[float]):
+        self.beam = beam
+        self.eos = eos
+        self.length_penalty = length_penalty
+        self.sum_logprobs = np.zeros(n_audio * beam)
+        self.sum_logprobs[np.arange(n_audio * beam) % beam != 0] = -np.inf  # start from one live beam
+        self.sequences = [[] for _ in range(n_audio * beam)]
+        self.finished = [[] for _ in range(n_audio)]  # (tokens, sum_logprob, truncated)
+        self.closed = np.zeros(n_audio, dtype=bool)
+
+    def scores_needed(self) -> bool:
+        return True
+
+    def score(self, tokens, sum_logprob) -> float:
+        length = max(len(tokens), 1)
+        if self.length_penalty is None:
+            return sum_logprob / length
+        return sum_logprob / (((5 + length) / 6) ** self.length_penalty)
+
+    def update(self, logits: mx.array, budget_left: np.ndarray, cache) -> np.ndarray:
+        B = self.beam
+        logprobs = logits.astype(mx.float32) - mx.logsumexp(logits.astype(mx.float32), axis=-1, keepdims=True)
+        k = B + 1
+        top = mx.argpartition(-logprobs, kth=k - 1, axis=-1)[:, :k]
+        top_lp = mx.take_along_axis(logprobs, top, axis=-1)
+        top, top_lp = np.array(top), np.array(top_lp)
+        source = np.arange(len(self.sequences))
+        next_tokens = np.full(len(self.sequences), self.eos, dtype=np.int64)
+        new_sequences = list(self.sequences)
+        new_sums = np.full_like(self.sum_logprobs, -np.inf)
+        for a in range(len(self.finished)):
+            rows = range(a * B, (a + 1) * B)
+            if self.closed[a]:
+                continue
+            cands = sorted(((self.sum_logprobs[r] + top_lp[r, j], r, int(top[r, j]))
+                            for r in rows for j in range(k) if np.isfinite(self.sum_logprobs[r])),
+                           reverse=True)
+            slot = a * B
+            for total, r, tok in cands:
+                if tok == self.eos:
+                    if len(self.finished[a]) < B:
+                        self.finished[a].append((self.sequences[r], total, False))
+                    continue
+                if slot < (a + 1) * B:
+                    source[slot] = r
+                    new_sequences[slot] = self.sequences[r] + [tok]
+                    new_sums[slot] = total
+                    next_tokens[slot] = tok
+                    slot += 1
+            if len(self.finished[a]) >= B or budget_left[a * B] <= 1:
+                # Budget spent: live beams become (truncated) candidates too.
+                if len(self.finished[a]) < B:
+                    for r in range(a * B, slot):
+                        self.finished[a].append((new_sequences[r], new_sums[r], True))
+                self.closed[a] = True
+        self.sequences, self.sum_logprobs = new_sequences, new_sums
+        if not np.array_equal(source, np.arange(len(source))):
+            cache.reorder(mx.array(source))
+        return next_tokens
+
+    def done(self) -> bool:
+        return bool(self.closed.all())
+
+    def finalize(self):
+        out = []
+        for a, cands in enumerate(self.finished):
+            if not cands:  # never closed (cannot happen with a budget, but stay safe)
+                r = a * self.beam
+                cands = [(self.sequences[r], self.sum_logprobs[r], True)]
+            best = max(cands, key=lambda c: self.score(c[0], c[1]))
+            out.append((best[0], float(self.score(best[0], best[1])), best[2]))
+        return out
+
+
+def _banned_ngram_tokens(seq: list, n: int) -> set:
+    """Tokens that would repeat an n-gram already present in `seq`."""
+    if n <= 0 or len(seq) < n:
+        return set()
+    prefix = tuple(seq[-(n - 1):]) if n > 1 else ()
+    return {seq[i + n - 1] for i in range(len(seq) - n + 1) if tuple(seq[i:i + n - 1]) == prefix}
+
+
+def decode_batch(model, processor, audios: Sequence[np.ndarray],
+                 options: DecodingOptions = DecodingOptions()) -> list[DecodeResult]:
+    """Transcribe a batch of prepared 16 kHz clips (see `audio.prepare_audio`) in one encoder pass.
+
+    Clips are right-padded; the encoder masks the padding, so each result equals the clip decoded alone.
+    """
+    x, lengths = pad_batch(list(audios))
+    n_audio = len(audios)
+    padded = bool((lengths != x.shape[1]).any())
+    memory, valid = model.encode(mx.array(x), mx.array(lengths) if padded else None)
+    beam = options.beam_size
+    eos, start = processor.eos_id, processor.start_id
+    if beam > 1:
+        rows = mx.array(np.repeat(np.arange(n_audio), beam))
+        memory = memory[rows]
+        valid = valid[rows] if valid is not None else None
+        strategy = BeamSearchStrategy(n_audio, eos, beam, options.length_penalty)
+    else:
+        strategy = GreedyStrategy(n_audio, eos)
+    budgets = np.repeat([options.token_budget(n / SAMPLE_RATE) for n in lengths], beam)
+    cache = model.new_cache(memory, valid)
+    tokens = np.full(n_audio * beam, start, dtype=np.int64)
+    for step in range(int(budgets.max())):
+        logits, _ = model.decode(mx.array(tokens[:, None]), cache=cache)
+        logits = logits[:, -1, :]  # (N, V)
+        logits = _filter_logits(logits, step, options, eos, strategy.sequences)
+        tokens = strategy.update(logits, budgets - step, cache)
+        if strategy.done():
+            break
+    return [DecodeResult(tokens=seq, text=processor.tokenizer.decode(seq), score=score, truncated=trunc)
+            for seq, score, trunc in strategy.finalize()]
+
+
+def _filter_logits(logits: mx.array, step: int, options: DecodingOptions, eos: int, sequences) -> mx.array:
+    if options.suppress_blank and step == 0:
+        logits[:, eos] = -mx.inf
+    n = options.no_repeat_ngram_size
+    if n:
+        banned = [_banned_ngram_tokens(seq, n) for seq in sequences]
+        if any(banned):
+            mask = np.zeros(logits.shape, dtype=np.float32)
+            for row, toks in enumerate(banned):
+                mask[row, list(toks)] = -np.inf
+            logits = logits + mx.array(mask, dtype=logits.dtype)
+    return logits
