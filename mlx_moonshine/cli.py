@@ -42,6 +42,78 @@ def main():
     """Moonshine speech recognition in MLX: convert, transcribe, evaluate, adapt (LoRA/DoRA), export."""
 
 
+@main.command()
+@click.argument("source")
+@click.option("-o", "--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="MLX model folder to write.")
+@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float32",
+              show_default=True)
+@click.option("--force", is_flag=True, help="Overwrite OUT if it exists.")
+def convert(source, out_dir, dtype, force):
+    """Convert SOURCE to an MLX model folder.
+
+    SOURCE is a local Hugging Face checkpoint folder, a Hub repo id (UsefulSensors/moonshine-tiny), a folder
+    with Moonshine ONNX/ORT files, or moonshine-cpp:base-en (real base weights from PyPI).
+    """
+    from .loading import convert as _convert
+
+    _run(_convert, source, out_dir, dtype=dtype, force=force, log=lambda m: click.echo(m, err=True))
+
+
+def decoding_options(fn):
+    """The shared decoding flags (transcribe, eval, train)."""
+    opts = [
+        click.option("--beam-size", default=1, show_default=True, type=click.IntRange(min=1),
+                     help="1 = greedy."),
+        click.option("--length-penalty", default=None, type=float, help="Beam ranking; default: mean log-prob."),
+        click.option("--max-tokens-per-second", default=6.5, show_default=True, type=float,
+                     help="Token budget per second of audio (stops runaway loops)."),
+        click.option("--max-new-tokens", default=224, show_default=True, type=click.IntRange(min=1)),
+        click.option("--no-repeat-ngram-size", default=0, show_default=True, type=click.IntRange(min=0)),
+        click.option("--suppress-blank", is_flag=True, help="Forbid an empty transcript."),
+    ]
+    for opt in reversed(opts):
+        fn = opt(fn)
+    return fn
+
+
+def _decoding_from_kwargs(kwargs: dict):
+    from .decoding import DecodingOptions
+
+    keys = ("beam_size", "length_penalty", "max_tokens_per_second", "max_new_tokens",
+            "no_repeat_ngram_size", "suppress_blank")
+    return _run(DecodingOptions, **{k: kwargs.pop(k) for k in keys})
+
+
+@main.command()
+@click.option("--model", "model_path", required=True, help="MLX model folder (or HF checkpoint / Hub id).")
+@click.option("--adapter", default=None, type=click.Path(path_type=Path),
+              help="Training run or adapter folder to apply.")
+@click.argument("audio", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per file.")
+@click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1))
+@decoding_options
+def transcribe(model_path, adapter, audio, as_json, batch_size, **kwargs):
+    """Transcribe AUDIO files (wav/flac/ogg/mp3, any rate): one line of text per file."""
+    import json
+
+    options = _decoding_from_kwargs(kwargs)
+    from .audio import prepare_audio
+    from .loading import load
+    from .transcribe import transcribe_clips
+
+    model, processor = _run(load, model_path, adapter=adapter)
+    # Read every file first, so a bad file fails before any decoding.
+    arrays = [_run(prepare_audio, p, processor.audio) for p in audio]
+    results = _run(transcribe_clips, model, processor, arrays, options, batch_size)
+    for path, res in zip(audio, results):
+        if as_json:
+            click.echo(json.dumps({"audio": str(path), **res, "decoding": options.to_dict(),
+                                   "audio_normalization": processor.audio.to_dict()}))
+        else:
+            click.echo(res["text"])
+
+
 def _parse_ratios(ctx, param, value: str) -> tuple[float, ...]:
     try:
         ratios = tuple(float(v) for v in value.replace(",", "/").split("/"))

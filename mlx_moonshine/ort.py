@@ -1,0 +1,552 @@
+"""Convert a Moonshine ONNX / ONNX Runtime export into a Hugging Face-format checkpoint.
+
+The PyPI wheel `moonshine-cpp==0.1.4` ships the real Moonshine *base* weights as two
+`.ort` graphs (the HF `MoonshineEncoder`, and optimum's "merged" decoder: an `If` node
+with a no-cache and a with-cache branch). Every matrix is weight-only int8: an initializer
+`X_quantized` plus per-tensor `X_scale` / `X_zero_point` that the graph turns back into
+float with `Cast -> Mul -> Add`. The conversion
+
+1. reads both graphs (`ort_graph.load_graph`),
+2. dequantizes every weight by evaluating those graph nodes in float32 numpy (each op
+   rounded separately, like ORT's element-wise kernels, so the weights equal ORT's),
+3. names each anonymous initializer (`onnx::MatMul_1947`) after the node that reads it
+   (`/layers.0/self_attn/q_proj/MatMul` -> `model.encoder.layers.0.self_attn.q_proj.weight`),
+   transposing MatMul weights to `nn.Linear`'s [out, in],
+4. derives the `MoonshineConfig` fields from the graph (sizes, heads, RoPE, activations,
+   norm epsilons, weight tying), and
+5. writes the files `save_pretrained` would write, in fp32.
+
+The result is a *dequantized int8* model: the network moonshine-cpp runs, not the fp32
+UsefulSensors/moonshine-base checkpoint bit for bit.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import json
+import math
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from .audio import SAMPLE_RATE
+from .errors import ModelError
+from .io import atomic_save_safetensors, atomic_write_bytes, atomic_write_text, sha256_file
+from .ort_graph import Graph, Node, Param, check as _check, collect_params, load_graph
+
+Log = Callable[[str], None] | None
+
+# Pinned sources of the `moonshine-cpp:<name>` shortcut.
+MOONSHINE_CPP = ("moonshine-cpp", "0.1.4")  # .ort weights under moonshine_cpp/models/<name>/
+USEFUL_MOONSHINE_ONNX = ("useful-moonshine-onnx", "20251121")  # moonshine_onnx/assets/tokenizer.json
+KNOWN_MODELS = ("base-en",)
+# The wheels bundle native libraries and are platform-tagged, but the files we read are
+# not; ask pip for the Linux x86_64 builds on every host (macOS included).
+PIP_PLATFORMS = ("manylinux2014_x86_64", "manylinux_2_34_x86_64")
+CACHE_ENV = "MLX_MOONSHINE_CACHE"
+
+ENCODER_STEM, DECODER_STEM = "encoder_model", "decoder_model_merged"
+
+# The graphs come from an older transformers Moonshine whose attention output projection
+# was `dense` and whose decoder MLP used `up_proj`/`down_proj`.
+LEGACY_TO_HF_MODULE = {"dense": "o_proj", "up_proj": "fc1", "down_proj": "fc2"}
+
+# Config fields the graphs cannot tell us: values of the upstream UsefulSensors/moonshine-base
+# config. Neither changes the numbers the network computes.
+UPSTREAM_ONLY_FIELDS = {
+    # Rotary angles are computed on the fly (Range -> MatMul -> Cos/Sin): no table to measure.
+    "max_position_embeddings": 194,
+    # The graph attends with head_dim 52 unpadded; HF pads q/k/v with zeros to 56, a no-op.
+    "pad_head_dim_to_multiple_of": 8,
+}
+
+# Fixed MoonshineConfig fields that `save_pretrained` writes for this architecture.
+FIXED_CONFIG_FIELDS = {
+    "architectures": ["MoonshineForConditionalGeneration"],
+    "model_type": "moonshine",
+    "is_encoder_decoder": True,
+    "attention_dropout": 0.0,
+    "initializer_range": 0.02,
+    "use_cache": True,
+    "dtype": "float32",
+}
+
+# Encoder stem (fixed in HF's MoonshineEncoder, not in the config): (kernel, channel factor).
+CONV_KERNELS = {"conv1": 127, "conv2": 7, "conv3": 3}
+
+
+def _note(log: Log, msg: str) -> None:
+    if log is not None:
+        log(msg)
+
+
+# --------------------------------------------------------------------------------------
+# Naming: consumer node -> Hugging Face parameter name
+# --------------------------------------------------------------------------------------
+
+def module_path(node_name: str) -> str:
+    """'/model/decoder/layers.0/self_attn/q_proj/MatMul' -> 'model.decoder.layers.0.self_attn.q_proj'"""
+    parts = node_name.strip("/").split("/")[:-1]
+    return ".".join(LEGACY_TO_HF_MODULE.get(p, p) for p in parts)
+
+
+def _export_name(node_name: str, kind: str) -> str:
+    """Like module_path without renames: the name torch.onnx gave the tensor."""
+    return ".".join(node_name.strip("/").split("/")[:-1]) + "." + kind
+
+
+# (op_type, input index) -> (parameter kind, transform to HF layout)
+CONSUMER_RULES = {
+    ("MatMul", 1): ("weight", "transpose"),  # x @ W[in, out] -> nn.Linear.weight [out, in]
+    ("Conv", 1): ("weight", None),
+    ("Conv", 2): ("bias", None),
+    ("Gather", 0): ("weight", None),  # embedding lookup
+    ("Mul", 1): ("weight", "flatten"),  # LayerNorm / GroupNorm affine scale
+    ("Add", 1): ("bias", "flatten"),  # GroupNorm affine shift
+    ("Add", 0): ("bias", "flatten"),  # Linear bias (the exporter puts it first)
+}
+
+
+def name_params(graph: Graph, params: list[Param], prefix: str) -> dict[str, np.ndarray]:
+    """Map every Param to its HF name; readers in both `If` branches must agree."""
+    named: dict[str, np.ndarray] = {}
+    for p in params:
+        names, transforms = set(), set()
+        own = re.sub(r"(_merged_\d+)?(_quantized)?$", "", p.source)  # exporter's name, if kept
+        for node, idx in graph.consumers.get(p.tensor, []):
+            if node.op == "Transpose":  # tied output projection, checked in derive_config
+                continue
+            rule = CONSUMER_RULES.get((node.op, idx))
+            _check(rule is not None and node.name.startswith("/"), graph,
+                   f"{p.source} is read by an unexpected node {node.op}[{idx}] {node.name!r}")
+            kind, transform = rule
+            names.add(prefix + module_path(node.name) + "." + kind)
+            transforms.add(transform)
+            _check(own.startswith("onnx::") or own == _export_name(node.name, kind), graph,
+                   f"{p.source} is read by {node.name!r}, which suggests another name")
+        _check(len(names) == 1 and len(transforms) == 1, graph,
+               f"{p.source} maps to {sorted(names) or 'no'} parameter names")
+        hf_name, transform = names.pop(), transforms.pop()
+        value = p.value
+        if transform == "transpose":
+            value = value.T
+        elif transform == "flatten":
+            value = value.reshape(-1)
+        _check(hf_name not in named, graph, f"{hf_name} is produced twice")
+        named[hf_name] = np.ascontiguousarray(value, dtype=np.float32)
+    return named
+
+
+# --------------------------------------------------------------------------------------
+# Config
+# --------------------------------------------------------------------------------------
+
+def _reshape_heads(graph: Graph, proj_matmul: str) -> tuple[int, int]:
+    """(num_heads, head_dim) from the Reshape([B, T, heads, head_dim]) after a projection."""
+    out = graph.node(proj_matmul).outputs[0]
+    reshape = next((n for n, i in graph.consumers.get(out, []) if n.op == "Reshape" and i == 0), None)
+    _check(reshape is not None, graph, f"no head Reshape after {proj_matmul}")
+    concat = graph.producers[reshape.inputs[1]]
+    heads, head_dim = (int(graph.const(x).item()) for x in concat.inputs[-2:])
+    return heads, head_dim
+
+
+def _rotary(graph: Graph, prefix: str) -> tuple[int, float]:
+    """(rotary_dim, theta) from inv_freq, the constant operand of rotary_emb/MatMul."""
+    matmul = graph.node(f"{prefix}/rotary_emb/MatMul")
+    inv_freq = next(graph.const(x) for x in matmul.inputs if x in graph.initializers).reshape(-1)
+    dim = 2 * inv_freq.size
+    theta = float(round(inv_freq[1] ** (-dim / 2)))
+    expected = 1.0 / theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim)
+    _check(np.allclose(inv_freq, expected, rtol=1e-6), graph, "inv_freq is not theta^(-2i/dim)")
+    # q[..., :dim] is the rotated part (first Slice of the query in layer 0).
+    q_slice = graph.node(f"{prefix}/layers.0/self_attn/Slice")
+    _check(int(graph.const(q_slice.inputs[2]).item()) == dim, graph, "rotary slice != 2 * len(inv_freq)")
+    return dim, theta
+
+
+def _single_const_input(graph: Graph, node: Node) -> float:
+    vals = [graph.const(x) for x in node.inputs if x in graph.initializers]
+    _check(len(vals) == 1 and vals[0].size == 1, graph, f"{node.name} has no single scalar constant")
+    return float(vals[0].item())
+
+
+def derive_config(enc: Graph, dec: Graph, weights: dict[str, np.ndarray],
+                  tokenizer: dict) -> tuple[dict, dict]:
+    """MoonshineConfig fields read from the graphs, and a provenance note per field."""
+    embed = weights["model.decoder.embed_tokens.weight"]
+    vocab_size, hidden = embed.shape
+    intermediate = weights["model.encoder.layers.0.mlp.fc1.weight"].shape[0]
+    _check(weights["model.decoder.layers.0.mlp.fc1.weight"].shape[0] == 2 * intermediate, dec,
+           "decoder fc1 is not 2x the encoder's (SwiGLU)")
+
+    def n_layers(stack: str) -> int:
+        return len({int(m.group(1)) for k in weights
+                    if (m := re.match(rf"model\.{stack}\.layers\.(\d+)\.", k))})
+
+    enc_heads, head_dim = _reshape_heads(enc, "/layers.0/self_attn/q_proj/MatMul")
+    enc_kv_heads, _ = _reshape_heads(enc, "/layers.0/self_attn/k_proj/MatMul")
+    dec_heads, dec_head_dim = _reshape_heads(dec, "/model/decoder/layers.0/self_attn/q_proj/MatMul")
+    dec_kv_heads, _ = _reshape_heads(dec, "/model/decoder/layers.0/self_attn/k_proj/MatMul")
+    _check(head_dim == dec_head_dim == hidden // enc_heads == hidden // dec_heads, dec,
+           "encoder and decoder head sizes differ")
+
+    rot_dim, theta = _rotary(enc, "")
+    _check((rot_dim, theta) == _rotary(dec, "/model/decoder"), dec, "encoder and decoder RoPE differ")
+    # HF: rotary_dim = int(head_dim * partial_rotary_factor); pick the 2-decimal factor.
+    factor = round(rot_dim / head_dim, 2)
+    while int(head_dim * factor) < rot_dim:
+        factor = round(factor + 0.01, 2)
+
+    # Attention scale: q and k are each multiplied by head_dim**-0.25 before q @ k^T.
+    qk = enc.node("/layers.0/self_attn/MatMul")
+    q_scale = _single_const_input(enc, enc.producers[qk.inputs[0]])
+    _check(math.isclose(q_scale, head_dim ** -0.25, rel_tol=1e-6), enc, f"attention scale {q_scale}")
+    # HF uses LayerNorm(eps=1e-5, bias=False) and GroupNorm(1, C, eps=1e-5).
+    for g, p in ((enc, ""), (dec, "/model/decoder")):
+        eps = _single_const_input(g, g.node(f"{p}/layers.0/input_layernorm/Add"))
+        _check(math.isclose(eps, 1e-5, rel_tol=1e-6), g, f"layer norm eps {eps}")
+        _check(not any(n.op == "Pad" for n in g.nodes), g, "graph pads head_dim")
+    inorm = next((n for n in enc.nodes if n.op == "InstanceNormalization"), None)
+    _check(inorm is not None and math.isclose(inorm.attrs["epsilon"], 1e-5, rel_tol=1e-6)
+           and enc.const(inorm.inputs[1]).item() == 1.0 and enc.const(inorm.inputs[2]).item() == 0.0,
+           enc, "GroupNorm is not InstanceNormalization(eps=1e-5) + affine")
+
+    # Encoder GELU is the exact erf form; decoder is SwiGLU with SiLU on the *second* half
+    # of fc1, as HF's MoonshineDecoderMLP.
+    _check(any(n.op == "Erf" and n.name.startswith("/layers.0/mlp/") for n in enc.nodes), enc,
+           "encoder MLP is not exact (erf) GELU")
+    sig = dec.node("/model/decoder/layers.0/mlp/act_fn/Sigmoid")
+    gate_slice = dec.producers[sig.inputs[0]]
+    _check(int(dec.const(gate_slice.inputs[1]).item()) == intermediate, dec, "SwiGLU gate is not the 2nd half")
+
+    # Weight tying: logits = last_hidden @ Transpose(embed_tokens) in both branches.
+    logits_nodes = [n for n in dec.nodes if "logits" in n.outputs and n.op != "If"]
+    _check(bool(logits_nodes), dec, "no node writes 'logits'")
+    for node in logits_nodes:
+        weight = dec.producers.get(node.inputs[1]) if len(node.inputs) > 1 else None
+        _check(node.op == "MatMul" and weight is not None and weight.op == "Transpose", dec,
+               f"{node.name} is not MatMul(x, Transpose(embedding))")
+        readers = dec.consumers[weight.inputs[0]]
+        _check(any(c.name.endswith("/embed_tokens/Gather") and i == 0 for c, i in readers), dec,
+               "output projection is not the transposed embedding")
+    attention_bias = any(re.search(r"_attn\.[qkvo]_proj\.bias$", k) for k in weights)
+
+    special = {t["content"]: t["id"] for t in tokenizer.get("added_tokens", []) if t.get("special")}
+    if "<s>" not in special or "</s>" not in special:
+        raise ModelError("tokenizer.json has no special <s> / </s> tokens; pass the Moonshine tokenizer.json")
+    bos, eos = special["<s>"], special["</s>"]
+
+    fields = dict(
+        vocab_size=int(vocab_size), hidden_size=int(hidden), intermediate_size=int(intermediate),
+        encoder_num_hidden_layers=n_layers("encoder"), decoder_num_hidden_layers=n_layers("decoder"),
+        encoder_num_attention_heads=enc_heads, decoder_num_attention_heads=dec_heads,
+        encoder_num_key_value_heads=enc_kv_heads, decoder_num_key_value_heads=dec_kv_heads,
+        encoder_hidden_act="gelu", decoder_hidden_act="silu",
+        attention_bias=attention_bias, tie_word_embeddings=True,
+        rope_parameters={"rope_type": "default", "rope_theta": theta, "partial_rotary_factor": factor},
+        bos_token_id=bos, decoder_start_token_id=bos, eos_token_id=eos, pad_token_id=eos,
+        **UPSTREAM_ONLY_FIELDS,
+    )
+    provenance = {
+        "vocab_size/hidden_size": "embed_tokens initializer shape",
+        "intermediate_size": "encoder fc1 rows (decoder fc1 = 2x, SwiGLU)",
+        "*_num_hidden_layers": "layer indices in consumer node names",
+        "*_num_attention_heads/key_value_heads": "Reshape target [B,T,heads,head_dim] after q/k_proj",
+        "rope_parameters": f"rotary_emb inv_freq: {rot_dim // 2} freqs -> rotary dim {rot_dim} of "
+                           f"head_dim {head_dim}, theta {theta:g}",
+        "*_hidden_act": "Erf (exact GELU) in encoder MLP, Sigmoid*x (SiLU) gate in decoder MLP",
+        "attention_bias": "bias Add after q/k/v/o projections" if attention_bias else
+                          "no bias Add after q/k/v/o projections",
+        "tie_word_embeddings": "logits MatMul reads Transpose(embed_tokens)",
+        "bos/decoder_start/eos": "tokenizer.json <s>/</s>; moonshine-cpp starts decoding with <s>",
+        "pad_token_id": "= eos (upstream convention; never used by greedy decoding)",
+        **{k: f"upstream value {v} (not observable in the graph)" for k, v in UPSTREAM_ONLY_FIELDS.items()},
+    }
+    return fields, provenance
+
+
+def expected_shapes(cfg: dict) -> dict[str, tuple[int, ...]]:
+    """Keys and shapes `save_pretrained` writes for this config (tied proj_out omitted)."""
+    H, inter, bias = cfg["hidden_size"], cfg["intermediate_size"], cfg["attention_bias"]
+    shapes: dict[str, tuple[int, ...]] = {}
+
+    def attention(prefix: str, heads: int, kv_heads: int) -> None:
+        head_dim = H // heads
+        for proj, rows in (("q", heads * head_dim), ("k", kv_heads * head_dim), ("v", kv_heads * head_dim)):
+            shapes[f"{prefix}.{proj}_proj.weight"] = (rows, H)
+            if bias:
+                shapes[f"{prefix}.{proj}_proj.bias"] = (rows,)
+        shapes[f"{prefix}.o_proj.weight"] = (H, heads * head_dim)
+        if bias:
+            shapes[f"{prefix}.o_proj.bias"] = (H,)
+
+    def mlp(prefix: str, fc1_rows: int) -> None:
+        shapes.update({f"{prefix}.fc1.weight": (fc1_rows, H), f"{prefix}.fc1.bias": (fc1_rows,),
+                       f"{prefix}.fc2.weight": (H, inter), f"{prefix}.fc2.bias": (H,)})
+
+    e = "model.encoder"
+    # conv1: 1 -> H (no bias), conv2: H -> 2H, conv3: 2H -> H; kernels fixed by the architecture.
+    shapes[f"{e}.conv1.weight"] = (H, 1, CONV_KERNELS["conv1"])
+    shapes.update({f"{e}.conv2.weight": (2 * H, H, CONV_KERNELS["conv2"]), f"{e}.conv2.bias": (2 * H,),
+                   f"{e}.conv3.weight": (H, 2 * H, CONV_KERNELS["conv3"]), f"{e}.conv3.bias": (H,),
+                   f"{e}.groupnorm.weight": (H,), f"{e}.groupnorm.bias": (H,), f"{e}.layer_norm.weight": (H,)})
+    for i in range(cfg["encoder_num_hidden_layers"]):
+        p = f"{e}.layers.{i}"
+        attention(f"{p}.self_attn", cfg["encoder_num_attention_heads"], cfg["encoder_num_key_value_heads"])
+        mlp(f"{p}.mlp", inter)
+        for norm in ("input_layernorm", "post_attention_layernorm"):
+            shapes[f"{p}.{norm}.weight"] = (H,)
+    d = "model.decoder"
+    shapes[f"{d}.embed_tokens.weight"] = (cfg["vocab_size"], H)
+    shapes[f"{d}.norm.weight"] = (H,)
+    for i in range(cfg["decoder_num_hidden_layers"]):
+        p = f"{d}.layers.{i}"
+        for attn in ("self_attn", "encoder_attn"):
+            attention(f"{p}.{attn}", cfg["decoder_num_attention_heads"], cfg["decoder_num_key_value_heads"])
+        mlp(f"{p}.mlp", 2 * inter)  # SwiGLU: value and gate halves
+        for norm in ("input_layernorm", "post_attention_layernorm", "final_layernorm"):
+            shapes[f"{p}.{norm}.weight"] = (H,)
+    if not cfg["tie_word_embeddings"]:
+        shapes["proj_out.weight"] = (cfg["vocab_size"], H)
+    return shapes
+
+
+# --------------------------------------------------------------------------------------
+# Conversion
+# --------------------------------------------------------------------------------------
+
+def find_model_files(src_dir: Path) -> tuple[Path, Path]:
+    """(encoder, decoder) model files in src_dir or src_dir/onnx; `.ort` preferred over `.onnx`."""
+    src_dir = Path(src_dir)
+    if not src_dir.is_dir():
+        raise ModelError(f"{src_dir}: not a directory; expected a folder holding "
+                         f"{ENCODER_STEM}.ort/.onnx and {DECODER_STEM}.ort/.onnx")
+    for folder in (src_dir, src_dir / "onnx"):
+        for ext in (".ort", ".onnx"):
+            enc, dec = folder / f"{ENCODER_STEM}{ext}", folder / f"{DECODER_STEM}{ext}"
+            if enc.is_file() and dec.is_file():
+                return enc, dec
+    raise ModelError(f"{src_dir}: no Moonshine ONNX export found; expected {ENCODER_STEM}.ort and "
+                     f"{DECODER_STEM}.ort (or the .onnx pair) in it, e.g. from the moonshine-cpp wheel "
+                     "(use the shortcut moonshine-cpp:base-en)")
+
+
+def _json(obj: dict) -> str:
+    return json.dumps(obj, indent=2, sort_keys=True) + "\n"
+
+
+def ort_to_hf(src_dir: Path, out_dir: Path, *, tokenizer_json: Path | None = None,
+              log: Log = None) -> dict:
+    """Convert a Moonshine ONNX/ORT export into a Hugging Face checkpoint directory.
+
+    Args:
+        src_dir: Folder with `encoder_model.{ort,onnx}` and `decoder_model_merged.{ort,onnx}`
+            (or an `onnx/` subfolder holding them).
+        out_dir: Destination; receives config.json, generation_config.json, model.safetensors
+            (fp32), tokenizer.json, tokenizer_config.json and preprocessor_config.json.
+        tokenizer_json: HF tokenizer.json; default: `tokenizer.json` in src_dir.
+        log: Optional callable receiving progress lines.
+
+    Returns:
+        Provenance: source files with sha256, quantisation summary, config provenance,
+        tensor and parameter counts (JSON-serialisable, for the caller's conversion record).
+
+    Raises:
+        ModelError: missing inputs or reader packages, or a graph this converter does not understand.
+    """
+    src_dir, out_dir = Path(src_dir), Path(out_dir)
+    encoder_file, decoder_file = find_model_files(src_dir)
+    if tokenizer_json is None:
+        tokenizer_json = next((p for p in (src_dir / "tokenizer.json", encoder_file.parent / "tokenizer.json")
+                               if p.is_file()), None)
+        if tokenizer_json is None:
+            raise ModelError(f"{src_dir}: no tokenizer.json; pass the Moonshine tokenizer.json explicitly "
+                             "(tokenizer_json=...)")
+    tokenizer_json = Path(tokenizer_json)
+    try:
+        tokenizer = json.loads(tokenizer_json.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ModelError(f"{tokenizer_json}: cannot read as a tokenizer.json ({e})") from e
+
+    _note(log, f"reading {encoder_file.name} and {decoder_file.name} from {encoder_file.parent}")
+    enc, dec = load_graph(encoder_file), load_graph(decoder_file)
+    enc_params, dec_params = collect_params(enc), collect_params(dec)
+    weights = {**name_params(enc, enc_params, prefix="model.encoder."),
+               **name_params(dec, dec_params, prefix="")}
+    fields, provenance = derive_config(enc, dec, weights, tokenizer)
+
+    expected = expected_shapes(fields)
+    missing, unexpected = sorted(set(expected) - set(weights)), sorted(set(weights) - set(expected))
+    bad = {k: (tuple(weights[k].shape), expected[k]) for k in set(weights) & set(expected)
+           if tuple(weights[k].shape) != expected[k]}
+    if missing or unexpected or bad:
+        raise ModelError(f"{src_dir}: graph weights do not form a Moonshine checkpoint: missing {missing[:5]}"
+                         f"{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}, "
+                         f"wrong shapes {dict(list(bad.items())[:5])}")
+
+    _note(log, f"writing {len(weights)} tensors to {out_dir}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_save_safetensors(out_dir / "model.safetensors", dict(sorted(weights.items())),
+                            metadata={"format": "pt"})
+    # config.json in the transformers-5 layout (rope_parameters), plus the legacy top-level
+    # rope keys of the upstream Hub file so readers of either layout find them.
+    config = {**FIXED_CONFIG_FIELDS, **fields,
+              "partial_rotary_factor": fields["rope_parameters"]["partial_rotary_factor"],
+              "rope_theta": fields["rope_parameters"]["rope_theta"]}
+    atomic_write_text(out_dir / "config.json", _json(config))
+    atomic_write_text(out_dir / "generation_config.json", _json({
+        "bos_token_id": fields["bos_token_id"], "decoder_start_token_id": fields["decoder_start_token_id"],
+        "eos_token_id": fields["eos_token_id"], "pad_token_id": fields["pad_token_id"],
+        "max_length": fields["max_position_embeddings"], "do_sample": False, "num_beams": 1,
+        "use_cache": True}))
+    # Raw 16 kHz float audio; neither moonshine-cpp nor useful-moonshine-onnx normalizes it.
+    atomic_write_text(out_dir / "preprocessor_config.json", _json({
+        "feature_extractor_type": "Wav2Vec2FeatureExtractor", "feature_size": 1,
+        "sampling_rate": SAMPLE_RATE, "padding_value": 0.0, "padding_side": "right",
+        "do_normalize": False, "return_attention_mask": True}))
+    atomic_write_bytes(out_dir / "tokenizer.json", tokenizer_json.read_bytes())
+    atomic_write_text(out_dir / "tokenizer_config.json", _json({
+        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>",
+        "unk_token": "<unk>", "model_max_length": fields["max_position_embeddings"]}))
+
+    params = enc_params + dec_params
+    n_int8 = sum(p.recipe.startswith("int8") for p in params)
+    return {
+        "source": {role: {"file": str(path.resolve()), "sha256": sha256_file(path)}
+                   for role, path in (("encoder", encoder_file), ("decoder", decoder_file),
+                                      ("tokenizer", tokenizer_json))},
+        "quantization": {"int8_tensors": n_int8, "float32_tensors": len(params) - n_int8,
+                         "recipes": sorted({p.recipe for p in params}),
+                         "stored_dtype": "float32"},
+        "renamed_modules": dict(LEGACY_TO_HF_MODULE),
+        "config_provenance": provenance,
+        "tensors": len(weights),
+        "parameters": int(sum(v.size for v in weights.values())),
+    }
+
+
+# --------------------------------------------------------------------------------------
+# The `moonshine-cpp:<name>` shortcut
+# --------------------------------------------------------------------------------------
+
+def cache_root(cache_dir: Path | None = None) -> Path:
+    """cache_dir, else $MLX_MOONSHINE_CACHE, else ~/.cache/mlx-moonshine."""
+    if cache_dir is not None:
+        return Path(cache_dir)
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "mlx-moonshine")
+
+
+def _installed_package_dir(module: str) -> Path | None:
+    # find_spec on a top-level name locates the package without importing it.
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def _offline_hint() -> str:
+    return ("without PyPI, convert a local Hugging Face Moonshine checkpoint directory instead, or a local "
+            f"directory holding {ENCODER_STEM}.ort, {DECODER_STEM}.ort and tokenizer.json")
+
+
+def _fetch_wheel(package: tuple[str, str], cache: Path, log: Log) -> Path:
+    """`pip download --no-deps` one pinned wheel into the cache and unzip it; returns the folder."""
+    name, version = package
+    unpacked = cache / f"{name}-{version}"
+    if (unpacked / ".complete").is_file():
+        return unpacked
+    cache.mkdir(parents=True, exist_ok=True)
+    requirement = f"{name}=={version}"
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
+           "--only-binary=:all:", "--timeout", "30", "--retries", "2", requirement]
+    for platform in PIP_PLATFORMS:
+        cmd += ["--platform", platform]
+    _note(log, f"downloading {requirement} from PyPI into {cache}")
+    with tempfile.TemporaryDirectory(prefix=f".{name}-", dir=cache) as tmp:
+        try:
+            res = subprocess.run(cmd + ["--dest", tmp], capture_output=True, text=True, timeout=600)
+        except (OSError, subprocess.TimeoutExpired) as e:
+            raise ModelError(f"could not download {requirement} with pip ({e}); {_offline_hint()}") from e
+        if res.returncode != 0:
+            reason = next((ln.strip() for ln in reversed(res.stderr.splitlines()) if ln.strip()), "pip failed")
+            raise ModelError(f"could not download {requirement} with pip ({reason}); {_offline_hint()}")
+        wheels = list(Path(tmp).glob("*.whl"))
+        if len(wheels) != 1:
+            raise ModelError(f"pip download {requirement} gave {len(wheels)} wheels, expected 1; {_offline_hint()}")
+        staging = Path(tmp) / "unpacked"
+        with zipfile.ZipFile(wheels[0]) as zf:
+            zf.extractall(staging)
+        (staging / ".complete").write_text(wheels[0].name + "\n")
+        if unpacked.exists():  # an earlier, interrupted extraction
+            shutil.rmtree(unpacked)
+        os.replace(staging, unpacked)
+    return unpacked
+
+
+def _find_in_wheel(root: Path, relative: str) -> Path | None:
+    """`relative` below an unpacked wheel, which may hide it under `<name>.data/purelib/`."""
+    if (root / relative).exists():
+        return root / relative
+    hits = sorted(p for p in root.rglob(Path(relative).name) if p.as_posix().endswith("/" + relative))
+    return hits[0] if hits else None
+
+
+def resolve_moonshine_cpp(spec: str = "moonshine-cpp:base-en", cache_dir: Path | None = None,
+                          log: Log = None) -> tuple[Path, Path]:
+    """Locate the moonshine-cpp ORT files and the HF tokenizer.json for a shortcut.
+
+    Uses the installed `moonshine_cpp` / `moonshine_onnx` packages when present, else
+    `pip download`s the pinned wheels (moonshine-cpp==0.1.4, useful-moonshine-onnx==20251121)
+    into the cache and unzips them there.
+
+    Args:
+        spec: `moonshine-cpp:<name>`; only `base-en` is known.
+        cache_dir: Download cache; default $MLX_MOONSHINE_CACHE or ~/.cache/mlx-moonshine.
+        log: Optional callable receiving progress lines.
+
+    Returns:
+        (folder holding encoder_model.ort and decoder_model_merged.ort, tokenizer.json path).
+
+    Raises:
+        ModelError: unknown name, or the wheels are neither installed nor downloadable.
+    """
+    known = ", ".join(f"{MOONSHINE_CPP[0]}:{m}" for m in KNOWN_MODELS)
+    prefix, _, model = spec.partition(":")
+    if prefix != MOONSHINE_CPP[0] or model not in KNOWN_MODELS:
+        raise ModelError(f"unknown model shortcut {spec!r}; known: {known}")
+    cache = cache_root(cache_dir)
+
+    files = (f"{ENCODER_STEM}.ort", f"{DECODER_STEM}.ort")
+    pkg = _installed_package_dir("moonshine_cpp")
+    if pkg is not None and all((pkg / "models" / model / f).is_file() for f in files):
+        ort_dir = pkg / "models" / model
+        version = importlib.metadata.version(MOONSHINE_CPP[0])
+        _note(log, f"using installed moonshine-cpp {version}: {ort_dir}")
+    else:
+        wheel = _fetch_wheel(MOONSHINE_CPP, cache, log)
+        ort_dir = _find_in_wheel(wheel, f"moonshine_cpp/models/{model}")
+        if ort_dir is None or not all((ort_dir / f).is_file() for f in files):
+            raise ModelError(f"{wheel}: the {'=='.join(MOONSHINE_CPP)} wheel has no "
+                             f"moonshine_cpp/models/{model}/{{{','.join(files)}}}; delete this folder and retry")
+
+    pkg = _installed_package_dir("moonshine_onnx")
+    tokenizer = pkg / "assets" / "tokenizer.json" if pkg is not None else None
+    if tokenizer is None or not tokenizer.is_file():
+        wheel = _fetch_wheel(USEFUL_MOONSHINE_ONNX, cache, log)
+        tokenizer = _find_in_wheel(wheel, "moonshine_onnx/assets/tokenizer.json")
+        if tokenizer is None:
+            raise ModelError(f"{wheel}: the {'=='.join(USEFUL_MOONSHINE_ONNX)} wheel has no "
+                             "moonshine_onnx/assets/tokenizer.json; delete this folder and retry")
+    else:
+        _note(log, f"using installed moonshine_onnx tokenizer: {tokenizer}")
+    return ort_dir, tokenizer
