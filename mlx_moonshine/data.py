@@ -1,0 +1,378 @@
+"""Manifests (JSONL/CSV/TSV), their validation, splits, statistics and length-bucketed batches.
+
+A manifest row is {"audio": path, "text": transcript} plus optional "id", "duration" (seconds),
+"speaker" and any extra keys, which are kept. Relative audio paths resolve against the manifest's
+folder. CSV/TSV need a header row naming at least `audio` and `text`.
+
+Validation reads every row, checks each audio file's header with `soundfile.info` (cheap: nothing
+is decoded), and reports every bad row in one `ManifestError`.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import random
+import shutil
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+from .errors import ManifestError
+from .io import atomic_write_bytes, atomic_write_text, sha256_file
+
+_KNOWN = ("id", "audio", "text", "duration", "speaker")
+_FORMATS = {".jsonl": "jsonl", ".json": "jsonl", ".csv": "csv", ".tsv": "tsv"}
+_MAX_LISTED = 100  # problems listed in one error message; the total is always given
+SPLIT_NAMES = ("train", "val", "test")
+
+
+@dataclass
+class Sample:
+    """One utterance. `duration` is in seconds (None if neither the row nor the audio header gave it)."""
+
+    id: str
+    audio_path: Path
+    text: str
+    duration: float | None = None
+    speaker: str | None = None
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass
+class Manifest:
+    """A loaded, validated manifest.
+
+    Attributes:
+        path: The manifest file (absolute).
+        samples: Usable rows in file order.
+        skipped: (line number, reason) of rows left out with `skip_invalid=True`.
+        sha256: Hash of the manifest file, for recording in run metadata.
+    """
+
+    path: Path
+    samples: list[Sample]
+    skipped: list[tuple[int, str]] = field(default_factory=list)
+    sha256: str = ""
+
+    @property
+    def n_skipped(self) -> int:
+        return len(self.skipped)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+
+def _read_rows(path: Path) -> Iterator[tuple[int, dict | None, str | None]]:
+    """Yield (1-based line number, row or None, parse problem or None)."""
+    fmt = _FORMATS.get(path.suffix.lower())
+    if fmt is None:
+        raise ManifestError(f"{path}: unknown manifest type '{path.suffix}'; use .jsonl, .csv or .tsv")
+    with open(path, encoding="utf-8", newline="") as f:
+        if fmt == "jsonl":
+            for i, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    yield i, None, f"not valid JSON ({e.msg})"
+                    continue
+                if isinstance(row, dict):
+                    yield i, row, None
+                else:
+                    yield i, None, f"expected a JSON object, got {type(row).__name__}"
+            return
+        reader = csv.DictReader(f, delimiter="," if fmt == "csv" else "\t")
+        header = reader.fieldnames or []
+        missing = [k for k in ("audio", "text") if k not in header]
+        if missing:
+            raise ManifestError(
+                f"{path}: header {header} lacks column(s) {missing}; the first row must name the "
+                f"columns, including 'audio' and 'text'"
+            )
+        for row in reader:
+            line = reader.line_num
+            if None in row:  # more cells than header columns
+                yield line, None, f"{len(header) + len(row[None])} cells but the header has {len(header)}"
+                continue
+            yield line, {k: v for k, v in row.items() if v not in (None, "") or k in ("audio", "text")}, None
+
+
+def _audio_duration(path: Path) -> float:
+    """Seconds, from the file header. Raises whatever soundfile raises."""
+    import soundfile as sf
+
+    info = sf.info(str(path))
+    return info.frames / info.samplerate
+
+
+def _row_to_sample(line: int, row: dict, base: Path, check_audio: bool,
+                   max_seconds: float | None) -> tuple[Sample | None, list[str]]:
+    problems = []
+    audio, text = row.get("audio"), row.get("text")
+    if not isinstance(audio, str) or not audio.strip():
+        problems.append("missing 'audio' path")
+    if text is None:
+        problems.append("missing 'text'")
+    elif not isinstance(text, str) or not text.strip():
+        problems.append("'text' is empty (must be a non-empty string)")
+    duration = row.get("duration")
+    if duration is not None:
+        try:
+            duration = float(duration)
+            if not math.isfinite(duration) or duration <= 0:
+                raise ValueError
+        except (TypeError, ValueError):
+            problems.append(f"'duration' must be a positive number of seconds, got {row['duration']!r}")
+            duration = None
+    if problems:
+        return None, problems
+    audio_path = Path(audio)
+    audio_path = (audio_path if audio_path.is_absolute() else base / audio_path).resolve()
+    if check_audio:
+        if not audio_path.is_file():
+            return None, [f"audio file not found: {audio_path}"]
+        try:
+            file_duration = _audio_duration(audio_path)
+        except Exception as e:  # soundfile raises LibsndfileError/RuntimeError/TypeError by format
+            return None, [f"audio file unreadable: {audio_path} ({e})"]
+        duration = duration if duration is not None else file_duration
+    if max_seconds is not None and duration is not None and duration > max_seconds:
+        return None, [f"audio is {duration:.1f} s, longer than max_seconds={max_seconds:g}"]
+    extra = {k: v for k, v in row.items() if k not in _KNOWN}
+    speaker = row.get("speaker")
+    sample = Sample(id=str(row.get("id") or audio_path.stem), audio_path=audio_path, text=text,
+                    duration=duration, speaker=None if speaker is None else str(speaker), extra=extra)
+    return sample, []
+
+
+def load_manifest(path: str | Path, *, check_audio: bool = True, max_seconds: float | None = None,
+                  skip_invalid: bool = False) -> Manifest:
+    """Load and validate a JSONL/CSV/TSV manifest.
+
+    Args:
+        path: The manifest file.
+        check_audio: Check each audio file exists and has a readable header (not decoded).
+        max_seconds: Rows longer than this are bad (duration from the row, else the header).
+        skip_invalid: Leave bad rows out (recorded in `Manifest.skipped`) instead of raising.
+
+    Returns:
+        The Manifest.
+
+    Raises:
+        ManifestError: a missing/empty manifest, or bad rows (all of them listed, with line
+            numbers) when `skip_invalid` is False.
+    """
+    path = Path(path).resolve()
+    if not path.is_file():
+        raise ManifestError(f"{path}: manifest not found; check the path")
+    base = path.parent
+    samples, bad, first_line_of_id, n_rows = [], [], {}, 0
+    for line, row, problem in _read_rows(path):
+        n_rows += 1
+        if problem:
+            bad.append((line, problem))
+            continue
+        sample, problems = _row_to_sample(line, row, base, check_audio, max_seconds)
+        if sample is not None and sample.id in first_line_of_id:
+            problems = [f"duplicate id '{sample.id}' (first on line {first_line_of_id[sample.id]}); "
+                        "give each row a unique 'id'"]
+        if problems:
+            bad.append((line, "; ".join(problems)))
+            continue
+        first_line_of_id[sample.id] = line
+        samples.append(sample)
+    if n_rows == 0:
+        raise ManifestError(f"{path}: manifest has no rows; add one row per utterance")
+    if bad and not skip_invalid:
+        listed = "\n".join(f"  line {line}: {why}" for line, why in bad[:_MAX_LISTED])
+        more = f"\n  ... and {len(bad) - _MAX_LISTED} more" if len(bad) > _MAX_LISTED else ""
+        raise ManifestError(
+            f"{path}: {len(bad)} of {n_rows} rows are bad:\n{listed}{more}\n"
+            "Fix these rows, or skip them (skip_invalid=True / --skip-invalid)."
+        )
+    if not samples:
+        raise ManifestError(f"{path}: none of its {n_rows} rows is usable; first problem: "
+                            f"line {bad[0][0]}: {bad[0][1]}")
+    return Manifest(path=path, samples=samples, skipped=bad, sha256=sha256_file(path))
+
+
+def _as_manifest(manifest: Manifest | str | Path) -> Manifest:
+    return manifest if isinstance(manifest, Manifest) else load_manifest(manifest)
+
+
+def _sample_row(s: Sample, out_dir: Path) -> dict:
+    try:
+        audio = os.path.relpath(s.audio_path, out_dir)
+    except ValueError:  # another drive on Windows
+        audio = str(s.audio_path)
+    row = {"id": s.id, "audio": audio, "text": s.text}
+    if s.duration is not None:
+        row["duration"] = round(s.duration, 4)
+    if s.speaker is not None:
+        row["speaker"] = s.speaker
+    row.update(s.extra)
+    return row
+
+
+def write_manifest(samples: list[Sample], path: str | Path) -> Path:
+    """Write samples as JSONL (atomically); audio paths relative to the file's folder."""
+    path = Path(path).resolve()
+    text = "".join(json.dumps(_sample_row(s, path.parent), ensure_ascii=False) + "\n" for s in samples)
+    atomic_write_text(path, text)
+    return path
+
+
+def _split_counts(n: int, ratios: list[float]) -> list[int]:
+    total = sum(ratios)
+    counts = [round(n * r / total) for r in ratios[:-1]]
+    return counts + [n - sum(counts)]
+
+
+def split_manifest(manifest: Manifest | str | Path, out_dir: str | Path,
+                   ratios: tuple[float, ...] = (80, 10, 10), by: str | None = None,
+                   quick: int = 50, seed: int = 0) -> dict[str, Path]:
+    """Split a manifest into train/val/test JSONL files (plus a small `quick` subset of train).
+
+    Deterministic for a given seed. Splits with ratio 0 are not written.
+
+    Args:
+        manifest: A Manifest or a manifest path.
+        out_dir: Folder for train.jsonl, val.jsonl, test.jsonl, quick.jsonl.
+        ratios: Relative sizes of train/val(/test), e.g. (80, 10, 10) or (90, 10).
+        by: None for a row-level split, or "speaker" so that no speaker is in two splits.
+        quick: Rows in quick.jsonl (a random subset of train); 0 to skip it.
+        seed: Shuffle seed.
+
+    Returns:
+        Split name -> written path.
+    """
+    m = _as_manifest(manifest)
+    out_dir = Path(out_dir)
+    ratios = [float(r) for r in ratios]
+    if not 2 <= len(ratios) <= 3 or any(r < 0 for r in ratios) or ratios[0] <= 0:
+        raise ManifestError(f"ratios must be 2 or 3 non-negative numbers with train > 0, got {ratios}; "
+                            "e.g. 80/10/10")
+    names = SPLIT_NAMES[: len(ratios)]
+    rng = random.Random(seed)
+    order = list(range(len(m.samples)))
+    if by is None:
+        rng.shuffle(order)
+        counts = _split_counts(len(order), ratios)
+        groups, start = [], 0
+        for c in counts:
+            groups.append(order[start:start + c])
+            start += c
+    elif by == "speaker":
+        no_speaker = [i for i in order if m.samples[i].speaker is None]
+        if no_speaker:
+            raise ManifestError(f"{m.path}: {len(no_speaker)} rows have no 'speaker' (first: id "
+                                f"'{m.samples[no_speaker[0]].id}'); add speakers or split without --by")
+        by_spk: dict[str, list[int]] = {}
+        for i in order:
+            by_spk.setdefault(m.samples[i].speaker, []).append(i)
+        speakers = sorted(by_spk)
+        rng.shuffle(speakers)
+        # Fill train, then val, then test, a whole speaker at a time, to the target row counts.
+        targets = _split_counts(len(order), ratios)
+        bounds = [sum(targets[: k + 1]) for k in range(len(targets))]
+        groups, taken, k = [[] for _ in ratios], 0, 0
+        for spk in speakers:
+            while k < len(ratios) - 1 and taken >= bounds[k]:
+                k += 1
+            groups[k].extend(by_spk[spk])
+            taken += len(by_spk[spk])
+    else:
+        raise ManifestError(f"unknown split key by={by!r}; use None or 'speaker'")
+    empty = [names[k] for k, g in enumerate(groups) if ratios[k] > 0 and not g]
+    if empty:
+        what = f"{len(by_spk)} speakers" if by == "speaker" else f"{len(order)} rows"
+        raise ManifestError(f"{m.path}: {what} are too few for ratios {ratios}: {', '.join(empty)} "
+                            "would be empty; add data or change --ratios")
+    written = {}
+    for name, group, r in zip(names, groups, ratios):
+        if r > 0:
+            written[name] = write_manifest([m.samples[i] for i in sorted(group)], out_dir / f"{name}.jsonl")
+    if quick > 0:
+        train = groups[0]
+        pick = sorted(train[:quick]) if by is None else sorted(rng.sample(train, min(quick, len(train))))
+        written["quick"] = write_manifest([m.samples[i] for i in pick], out_dir / "quick.jsonl")
+    return written
+
+
+def sample_duration(s: Sample) -> float:
+    """Seconds, from the row or else the audio header."""
+    if s.duration is None:
+        s.duration = _audio_duration(s.audio_path)
+    return s.duration
+
+
+def manifest_stats(manifest: Manifest | str | Path) -> dict:
+    """Row count, hours, speaker count and duration min/median/mean/max (seconds)."""
+    m = _as_manifest(manifest)
+    d = [sample_duration(s) for s in m.samples]
+    speakers = {s.speaker for s in m.samples if s.speaker is not None}
+    return dict(
+        path=str(m.path), n=len(d), hours=sum(d) / 3600, speakers=len(speakers),
+        duration_min=min(d), duration_median=statistics.median(d), duration_mean=statistics.fmean(d),
+        duration_max=max(d), skipped=m.n_skipped, sha256=m.sha256,
+    )
+
+
+def copy_manifest(manifest_path: str | Path, run_dir: str | Path) -> dict:
+    """Copy a manifest file byte for byte into `run_dir/manifests/` so a run records its data.
+
+    The copy is a record: its relative audio paths are not rewritten. A different file with the
+    same name gets the first 8 hex digits of its hash appended.
+
+    Returns:
+        dict(path=copied file, sha256=its hash, source=original path).
+    """
+    src = Path(manifest_path).resolve()
+    if not src.is_file():
+        raise ManifestError(f"{src}: manifest not found; check the path")
+    data = src.read_bytes()
+    digest = sha256_file(src)
+    dest = Path(run_dir) / "manifests" / src.name
+    if dest.exists() and sha256_file(dest) != digest:
+        dest = dest.with_name(f"{src.stem}-{digest[:8]}{src.suffix}")
+    atomic_write_bytes(dest, data)
+    shutil.copystat(src, dest)
+    return dict(path=str(dest), sha256=digest, source=str(src))
+
+
+def iterate_batches(samples: list[Sample], batch_size: int, *, shuffle: bool = True, seed: int = 0,
+                    bucket: bool = True, bucket_batches: int = 50) -> Iterator[list[Sample]]:
+    """Yield batches of samples of similar length (less padding), deterministic per seed.
+
+    Samples are shuffled, cut into chunks of `bucket_batches * batch_size`, each chunk sorted by
+    duration and cut into batches; the batch order is then shuffled. Pass seed + epoch for a new
+    order each epoch. The last batch may be smaller. Unknown durations sort as 0.
+
+    Args:
+        samples: The samples.
+        batch_size: Samples per batch.
+        shuffle: Shuffle samples and batch order.
+        seed: Seed for both shuffles.
+        bucket: Sort by duration within chunks.
+        bucket_batches: Batches per sorting chunk.
+    """
+    if batch_size <= 0:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    rng = random.Random(seed)
+    order = list(range(len(samples)))
+    if shuffle:
+        rng.shuffle(order)
+    if bucket:
+        chunk = batch_size * bucket_batches
+        order = [i for c in range(0, len(order), chunk)
+                 for i in sorted(order[c:c + chunk], key=lambda i: samples[i].duration or 0.0)]
+    batches = [order[b:b + batch_size] for b in range(0, len(order), batch_size)]
+    if shuffle:
+        rng.shuffle(batches)
+    for b in batches:
+        yield [samples[i] for i in b]
