@@ -31,6 +31,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
+from . import fastmath
 from .cache import DecoderCache
 
 # Encoder conv stem: (kernel, stride) of conv1..conv3; 64 * 3 * 2 = 384 samples per frame (24 ms at 16 kHz).
@@ -114,8 +115,13 @@ def frame_lengths(num_samples: mx.array) -> mx.array:
     return n
 
 
+def _gelu(x: mx.array) -> mx.array:
+    """Exact (erf) GELU; a fused polynomial version on the CPU, where erf is scalar and slow."""
+    return fastmath.gelu(x) if fastmath.use_fast_cpu_ops() else nn.gelu(x)
+
+
 def _activation(name: str):
-    acts = {"gelu": nn.gelu, "silu": nn.silu, "swish": nn.silu, "relu": nn.relu, "tanh": mx.tanh,
+    acts = {"gelu": _gelu, "silu": nn.silu, "swish": nn.silu, "relu": nn.relu, "tanh": mx.tanh,
             "gelu_new": nn.gelu_approx, "gelu_pytorch_tanh": nn.gelu_approx}
     if name not in acts:
         raise ValueError(f"activation {name!r} is not supported; known: {sorted(acts)}")
@@ -160,8 +166,24 @@ class Attention(nn.Module):
 
     def attend(self, q: mx.array, k: mx.array, v: mx.array, mask) -> mx.array:
         B, _, L, _ = q.shape
-        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
+        if L > 1 and fastmath.use_fast_cpu_ops():
+            out = self._attention_cpu(q, k, v, mask)
+        else:
+            out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
+
+    def _attention_cpu(self, q, k, v, mask):
+        """Same as scaled_dot_product_attention, with the fused polynomial softmax (exp is slow on CPU)."""
+        B, H, L, D = q.shape
+        S, rep = k.shape[2], self.n_heads // self.n_kv_heads
+        q = (q * self.scale).reshape(B, self.n_kv_heads, rep * L, D)  # group query heads per kv head
+        scores = (q @ k.swapaxes(-1, -2)).reshape(B, H, L, S)
+        if isinstance(mask, str):
+            mask = causal_mask(L, S, scores.dtype)
+        if mask is not None:
+            scores = scores + mask
+        probs = fastmath.softmax(scores.astype(mx.float32)).astype(v.dtype)
+        return (probs.reshape(B, self.n_kv_heads, rep * L, S) @ v).reshape(B, H, L, D)
 
 
 class EncoderLayer(nn.Module):
@@ -243,14 +265,15 @@ class Encoder(nn.Module):
         Returns (hidden (B, T, D), valid (B, T) bool or None).
         """
         x = input_values[..., None].astype(self.conv1.weight.dtype)  # (B, N, 1)
-        x = mx.tanh(self.conv1(x))  # (B, T1, D)
+        x = self.conv1(x)  # (B, T1, D)
+        x = fastmath.tanh(x) if fastmath.use_fast_cpu_ops() else mx.tanh(x)
         if lengths is None:
             x = self.groupnorm(x)
         else:
             n1 = mx.maximum((lengths - CONV_STEM[0][0]) // CONV_STEM[0][1] + 1, 0)
             x = self._masked_groupnorm(x, mx.arange(x.shape[1])[None, :] < n1[:, None])
-        x = nn.gelu(self.conv2(x))
-        x = nn.gelu(self.conv3(x))  # (B, T, D)
+        x = _gelu(self.conv2(x))
+        x = _gelu(self.conv3(x))  # (B, T, D)
 
         valid, mask = None, None
         if lengths is not None:

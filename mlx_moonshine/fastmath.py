@@ -1,0 +1,67 @@
+"""Fast element-wise GELU and softmax for MLX's CPU backend.
+
+On Linux/x86 MLX evaluates erf/exp/tanh one scalar at a time (~20-60 ns per float), so the encoder's
+GELUs and attention softmaxes cost more than all its matmuls. Written as polynomials of mul/add and
+compiled, the same functions become one fused, vectorised loop (~40x faster for GELU, ~3x for the
+softmax). Accuracy: |GELU error| < 2e-6, softmax relative error < 2e-7. On Metal the built-in ops
+are already fast, so callers use these only on the CPU (`use_fast_cpu_ops`).
+"""
+
+from __future__ import annotations
+
+import os
+
+import mlx.core as mx
+
+_ENABLED = os.environ.get("MLX_MOONSHINE_EXACT_OPS", "") in ("", "0")
+
+# Abramowitz & Stegun 7.1.28: erf(x) = 1 - (1 + a1 x + ... + a6 x^6)^-16 for x >= 0, |error| <= 3e-7.
+_ERF_A = (0.0705230784, 0.0422820123, 0.0092705272, 0.0001520143, 0.0002765672, 0.0000430638)
+_SQRT1_2 = 0.7071067811865476
+_LOG2E = 1.4426950408889634
+# ln 2 split in two so that n * LN2_HI is exact in float32 (Cody-Waite range reduction).
+_LN2_HI, _LN2_LO = 0.693145751953125, 1.428606765330187e-06
+
+
+def use_fast_cpu_ops() -> bool:
+    """True on the CPU backend unless MLX_MOONSHINE_EXACT_OPS=1 asks for MLX's own ops."""
+    return _ENABLED and mx.default_device().type == mx.DeviceType.cpu
+
+
+def _erf(x: mx.array) -> mx.array:
+    a = mx.abs(x)
+    a1, a2, a3, a4, a5, a6 = _ERF_A
+    p = 1 + a * (a1 + a * (a2 + a * (a3 + a * (a4 + a * (a5 + a * a6)))))
+    p = p * p
+    p = p * p
+    p = p * p
+    p = p * p  # p^16
+    return mx.where(x < 0, -1.0, 1.0) * (1 - 1 / p)
+
+
+def _gelu(x: mx.array) -> mx.array:
+    return (0.5 * x * (1 + _erf(x * _SQRT1_2))).astype(x.dtype)
+
+
+def _exp(x: mx.array) -> mx.array:
+    """exp(x) = 2^n * exp(f), |f| <= ln2/2, exp(f) by its Taylor series (relative error < 1e-7)."""
+    x = mx.clip(x.astype(mx.float32), -87.0, 88.0)
+    n = mx.stop_gradient(mx.floor(x * _LOG2E + 0.5))
+    f = x - n * _LN2_HI - n * _LN2_LO
+    p = 1 + f * (1 + f * (1 / 2 + f * (1 / 6 + f * (1 / 24 + f * (1 / 120 + f * (1 / 720 + f / 5040))))))
+    two_n = mx.stop_gradient(mx.view(mx.left_shift(n.astype(mx.int32) + 127, 23), mx.float32))
+    return p * two_n
+
+
+def _softmax(x: mx.array) -> mx.array:
+    e = _exp(x - mx.stop_gradient(mx.max(x, axis=-1, keepdims=True)))
+    return (e / mx.sum(e, axis=-1, keepdims=True)).astype(x.dtype)
+
+
+def _tanh(x: mx.array) -> mx.array:
+    return (1 - 2 / (_exp(2 * x.astype(mx.float32)) + 1)).astype(x.dtype)
+
+
+gelu = mx.compile(_gelu)
+tanh = mx.compile(_tanh)
+softmax = mx.compile(_softmax)
