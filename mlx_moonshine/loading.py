@@ -29,7 +29,7 @@ from .tokenizer import Tokenizer
 
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 PROCESSOR_FILES = ("tokenizer.json", "tokenizer_config.json", "preprocessor_config.json",
-                   "generation_config.json", "special_tokens_map.json")
+                   "generation_config.json", "special_tokens_map.json", "processor_config.json")
 MOONSHINE_CPP_PREFIX = "moonshine-cpp:"
 
 
@@ -155,19 +155,34 @@ def cast_model(model, dtype: str):
                           model.parameters()))
 
 
+def _feature_extractor_config(model_dir: Path) -> dict:
+    """The HF feature extractor settings: `preprocessor_config.json`, or, as transformers 5 processors
+    (Moonshine Streaming's) save them, the `feature_extractor` entry of `processor_config.json`."""
+    pre = _read_json(model_dir / "preprocessor_config.json")
+    if pre:
+        return pre
+    nested = _read_json(model_dir / "processor_config.json").get("feature_extractor")
+    return dict(nested) if isinstance(nested, dict) else {}
+
+
 def load_processor(model_dir: Path) -> Processor:
-    from .audio import load_audio_config
+    from .audio import AudioConfig
 
     generation = _read_json(model_dir / "generation_config.json")
     config = _read_json(model_dir / "config.json")
     bos = int(generation.get("bos_token_id", config.get("bos_token_id", 1)))
     eos = generation.get("eos_token_id", config.get("eos_token_id", 2))
     eos = int(eos[0] if isinstance(eos, list) else eos)
-    generation.setdefault("decoder_start_token_id", config.get("decoder_start_token_id", bos))
+    if generation.get("decoder_start_token_id") is None:  # Streaming configs say null: start with <s>
+        start = config.get("decoder_start_token_id")
+        generation["decoder_start_token_id"] = bos if start is None else start
     generation["eos_token_id"] = eos
     tokenizer = Tokenizer(model_dir / "tokenizer.json", bos_id=bos, eos_id=eos)
-    return Processor(tokenizer=tokenizer, audio=load_audio_config(model_dir), path=model_dir,
-                     generation=generation)
+    try:
+        audio = AudioConfig.from_preprocessor_config(_feature_extractor_config(model_dir))
+    except (ValueError, TypeError, AttributeError) as e:
+        raise ModelError(f"{model_dir}: bad audio settings in preprocessor_config.json ({e})") from e
+    return Processor(tokenizer=tokenizer, audio=audio, path=model_dir, generation=generation)
 
 
 def load(path_or_repo: str | Path, adapter: Optional[str | Path] = None, dtype: Optional[str] = None):
@@ -207,7 +222,7 @@ def save(model, processor: Processor, out_dir: str | Path, record: Optional[dict
             if src.is_file():
                 shutil.copy2(src, tmp / name)
         # Record the audio normalisation the model expects, so every later step applies the same one.
-        pre = _read_json(tmp / "preprocessor_config.json")
+        pre = _feature_extractor_config(tmp)
         pre.setdefault("sampling_rate", processor.audio.sample_rate)
         pre.setdefault("feature_extractor_type", "Wav2Vec2FeatureExtractor")
         pre.setdefault("do_normalize", False)

@@ -72,6 +72,10 @@ def _known(cls, config: dict) -> tuple[dict, dict]:
     return known, {k: v for k, v in config.items() if k not in names}
 
 
+def _fields(args) -> dict:
+    return {k: getattr(args, k) for k in inspect.signature(type(args)).parameters if k != "extra"}
+
+
 @dataclass
 class StreamingEncoderArgs:
     """The nested `encoder_config` of a Moonshine Streaming `config.json`."""
@@ -90,6 +94,7 @@ class StreamingEncoderArgs:
     # 3 frames (60 ms) ahead, (16, 0) is causal.
     sliding_windows: list = field(
         default_factory=lambda: [[16, 4], [16, 4], [16, 0], [16, 0], [16, 4], [16, 4]])
+    extra: dict = field(default_factory=dict, repr=False)  # unknown keys, kept for to_dict()
 
     def __post_init__(self):
         if self.num_key_value_heads is None:
@@ -107,7 +112,14 @@ class StreamingEncoderArgs:
 
     @classmethod
     def from_dict(cls, config: dict) -> "StreamingEncoderArgs":
-        return cls(**_known(cls, config)[0])
+        known, extra = _known(cls, config)
+        return cls(**known, extra=extra)
+
+    def to_dict(self) -> dict:
+        out = {**self.extra, **_fields(self)}
+        out["sliding_windows"] = [list(w) for w in self.sliding_windows]
+        out["model_type"] = "moonshine_streaming_encoder"
+        return out
 
 
 @dataclass
@@ -159,6 +171,23 @@ class StreamingArgs:
             raise ValueError(f"rope_type {rope['rope_type']!r} is not supported (only 'default')")
         known, extra = _known(cls, config)
         return cls(**known, extra=extra)
+
+    def to_dict(self) -> dict:
+        """A `config.json` that `MoonshineStreamingConfig` loads back (unknown keys from the source kept).
+
+        `num_key_value_heads` is always written (transformers' decoder reads it without declaring
+        it) and `decoder_start_token_id` is concrete (transformers' None breaks label shifting).
+        """
+        out = {**self.extra, **_fields(self)}
+        out["encoder_config"] = self.encoder_config.to_dict()
+        if out["head_dim"] is None:
+            out["head_dim"] = self.hidden_size // self.num_attention_heads
+        # transformers 5 keeps rotary settings only in rope_parameters.
+        out["rope_parameters"] = {"rope_type": "default", "rope_theta": out.pop("rope_theta"),
+                                  "partial_rotary_factor": out.pop("partial_rotary_factor")}
+        out.setdefault("architectures", ["MoonshineStreamingForConditionalGeneration"])
+        out["is_encoder_decoder"] = True
+        return out
 
     def decoder_args(self) -> ModelArgs:
         """The base model's ModelArgs describing this decoder (reused as is)."""
