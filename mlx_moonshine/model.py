@@ -244,18 +244,22 @@ class Encoder(nn.Module):
         self.rope = RotaryEmbedding(D // args.encoder_num_attention_heads, args.partial_rotary_factor,
                                     args.rope_theta)
 
-    def _masked_groupnorm(self, x: mx.array, valid: mx.array) -> mx.array:
+    def _groupnorm(self, x: mx.array, valid: Optional[mx.array]) -> mx.array:
         """GroupNorm(1 group) whose statistics cover each clip's valid frames only.
 
-        x: (B, T, D); valid: (B, T) bool.
+        x: (B, T, D); valid: (B, T) bool or None (all frames valid). Sums run over time first, then
+        channels: one fp32 sum over all T x D values (500k for 20 s) loses ~0.2% of the variance.
         """
         gn = self.groupnorm
-        m = valid[..., None].astype(mx.float32)
         xf = x.astype(mx.float32)
-        count = mx.maximum(m.sum(axis=(1, 2)) * x.shape[-1], 1.0)  # (B,) valid values per clip
-        mean = (xf * m).sum(axis=(1, 2)) / count
+        if valid is None:
+            m = mx.ones(x.shape[:2] + (1,), dtype=mx.float32)
+        else:
+            m = valid[..., None].astype(mx.float32)
+        count = mx.maximum(m.sum(axis=(1, 2)) * x.shape[-1], 1.0)  # (B,) values per clip
+        mean = (xf * m).sum(axis=1).sum(axis=-1) / count
         centered = xf - mean[:, None, None]
-        var = ((centered * m) ** 2).sum(axis=(1, 2)) / count
+        var = ((centered * m) ** 2).sum(axis=1).sum(axis=-1) / count
         y = centered * mx.rsqrt(var + gn.eps)[:, None, None]
         return (y * gn.weight + gn.bias).astype(x.dtype)
 
@@ -267,11 +271,11 @@ class Encoder(nn.Module):
         x = input_values[..., None].astype(self.conv1.weight.dtype)  # (B, N, 1)
         x = self.conv1(x)  # (B, T1, D)
         x = fastmath.tanh(x) if fastmath.use_fast_cpu_ops() else mx.tanh(x)
-        if lengths is None:
-            x = self.groupnorm(x)
-        else:
+        valid1 = None
+        if lengths is not None:
             n1 = mx.maximum((lengths - CONV_STEM[0][0]) // CONV_STEM[0][1] + 1, 0)
-            x = self._masked_groupnorm(x, mx.arange(x.shape[1])[None, :] < n1[:, None])
+            valid1 = mx.arange(x.shape[1])[None, :] < n1[:, None]
+        x = self._groupnorm(x, valid1)
         x = _gelu(self.conv2(x))
         x = _gelu(self.conv3(x))  # (B, T, D)
 

@@ -75,7 +75,8 @@ def test_logits_match_transformers_on_10s_clip(models, voice_assets):
         expected = ref(input_values=torch.from_numpy(audio)[None],
                        decoder_input_ids=torch.tensor([ids])).logits.numpy()
     got = np.array(model(mx.array(audio[None]), mx.array([ids])))
-    assert np.abs(got - expected).max() <= 1e-3
+    # The issue asks for <= 1e-3; with fp32-careful GroupNorm statistics we are at ~3e-5.
+    assert np.abs(got - expected).max() <= 1e-4
 
 
 def test_cli_transcribe_prints_transformers_words(models, mlx_dir, voice_assets):
