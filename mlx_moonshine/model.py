@@ -366,6 +366,13 @@ class MoonshineModel(nn.Module):
         self.decoder = Decoder(args)
 
 
+class _HeadCache:
+    """Holds the transposed tied head outside the parameter tree (a plain object, not an array)."""
+
+    source = None
+    weight_t = None
+
+
 class Model(nn.Module):
     """`MoonshineForConditionalGeneration` in MLX."""
 
@@ -374,6 +381,7 @@ class Model(nn.Module):
         self.args = args
         self.model_type = args.model_type
         self.model = MoonshineModel(args)
+        self._head = _HeadCache()
         if not args.tie_word_embeddings:
             self.proj_out = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
 
@@ -404,9 +412,16 @@ class Model(nn.Module):
         return self.logits(h), cache
 
     def logits(self, hidden: mx.array) -> mx.array:
-        if self.args.tie_word_embeddings:
-            return self.model.decoder.embed_tokens.as_linear(hidden)
-        return self.proj_out(hidden)
+        if not self.args.tie_word_embeddings:
+            return self.proj_out(hidden)
+        embed = self.model.decoder.embed_tokens
+        if self.training:
+            return embed.as_linear(hidden)
+        # Inference: a contiguous (D, V) copy of the tied head makes the per-token GEMV ~2x faster on
+        # the CPU (x @ W.T over the 32k x D embedding is strided); rebuilt whenever the weight changes.
+        if self._head.source is not embed.weight:
+            self._head.source, self._head.weight_t = embed.weight, mx.contiguous(embed.weight.T)
+        return hidden @ self._head.weight_t
 
     def __call__(self, input_values: mx.array, decoder_input_ids: mx.array,
                  attention_mask: Optional[mx.array] = None) -> mx.array:
