@@ -155,16 +155,19 @@ class BeamSearchStrategy:
                            reverse=True)
             slot = a * B
             for total, r, tok in cands:
+                # Only candidates ranked above the B-th live beam count: a low-ranked </s> must not
+                # finish the search (with B = 1 this is exactly greedy).
+                if slot == (a + 1) * B:
+                    break
                 if tok == self.eos:
                     if len(self.finished[a]) < B:
                         self.finished[a].append((self.sequences[r], total, False))
                     continue
-                if slot < (a + 1) * B:
-                    source[slot] = r
-                    new_sequences[slot] = self.sequences[r] + [tok]
-                    new_sums[slot] = total
-                    next_tokens[slot] = tok
-                    slot += 1
+                source[slot] = r
+                new_sequences[slot] = self.sequences[r] + [tok]
+                new_sums[slot] = total
+                next_tokens[slot] = tok
+                slot += 1
             if len(self.finished[a]) >= B or budget_left[a * B] <= 1:
                 # Budget spent: live beams become (truncated) candidates too.
                 if len(self.finished[a]) < B:

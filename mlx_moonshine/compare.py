@@ -1,0 +1,159 @@
+"""Compare two evaluation runs (A = baseline, B = candidate) and decide whether B may replace A.
+
+The verdict (last line of the report) is FAIL when
+  - a held-out manifest (general speech the adapter must not forget) regresses by more than
+    `max_heldout_regression` absolute WER points (1.0 = one percentage point = 0.01 WER), or
+  - the domain manifests (all the others, pooled) got worse in B than in A;
+and PASS otherwise. Runs decoded or normalised differently, or on different manifest bytes, are
+still compared, with a loud warning: their numbers are not comparable.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+from .evaluate import PREDICTIONS_FILE, RUN_FILE, SUMMARY_FILE, EvalError
+
+TOP_REGRESSIONS = 10
+_SETTINGS = (("decoding", "decode options"), ("audio_normalization", "audio normalisation"),
+             ("text_normalizer", "text normaliser"))
+
+
+def _load_run(run_dir: str | Path) -> tuple[dict, dict, dict]:
+    """(run.json, summary.json, {(manifest, id): row}) of a run folder."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise EvalError(f"{run_dir}: no such run folder; pass a folder written by `mlx-moonshine eval -o`")
+    parts = []
+    for name in (RUN_FILE, SUMMARY_FILE):
+        path = run_dir / name
+        if not path.is_file():
+            raise EvalError(f"{path} is missing; is {run_dir} a finished `mlx-moonshine eval` run? "
+                            "Re-run eval with the same -o to complete it")
+        try:
+            parts.append(json.loads(path.read_text(encoding="utf-8")))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise EvalError(f"{path}: not valid JSON ({e}); re-run eval into a new folder") from e
+    rows = {}
+    pred = run_dir / PREDICTIONS_FILE
+    if pred.is_file():
+        for line in pred.read_text(encoding="utf-8").splitlines():
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a torn last line of an interrupted run
+            rows[(r.get("manifest"), str(r.get("id")))] = r
+    return parts[0], parts[1], rows
+
+
+def _errors(row: dict) -> int:
+    return int(row["substitutions"] + row["deletions"] + row["insertions"])
+
+
+def _pooled_wer(summaries: list[dict]) -> Optional[float]:
+    words = sum(s.get("ref_words", 0) for s in summaries)
+    if not summaries or not words:
+        return None
+    return sum(s.get("word_errors", round(s["wer"] * s.get("ref_words", 0))) for s in summaries) / words
+
+
+def _manifest_section(name: str, sa: dict, sb: dict, rows_a: dict, rows_b: dict) -> list[str]:
+    lines = [f"== {name} ==",
+             f"  WER  A {100 * sa['wer']:6.2f}%   B {100 * sb['wer']:6.2f}%   "
+             f"delta {100 * (sb['wer'] - sa['wer']):+6.2f} pts",
+             f"  CER  A {100 * sa['cer']:6.2f}%   B {100 * sb['cer']:6.2f}%   "
+             f"delta {100 * (sb['cer'] - sa['cer']):+6.2f} pts",
+             f"  n    A {sa['n']}   B {sb['n']}"]
+    ids_a = {i for (m, i) in rows_a if m == name}
+    ids_b = {i for (m, i) in rows_b if m == name}
+    common = sorted(ids_a & ids_b)
+    if ids_a != ids_b:
+        lines.append(f"  note: {len(ids_a - ids_b)} ids only in A, {len(ids_b - ids_a)} only in B; "
+                     f"per-sample numbers use the {len(common)} in both")
+    pairs = [(rows_a[(name, i)], rows_b[(name, i)]) for i in common]
+    deltas = [(b["wer"] - a["wer"], _errors(b) - _errors(a), a, b) for a, b in pairs]
+    improved = sum(d < 0 for d, *_ in deltas)
+    regressed = sum(d > 0 for d, *_ in deltas)
+    lines.append(f"  per sample: {improved} improved, {len(deltas) - improved - regressed} unchanged, "
+                 f"{regressed} regressed")
+    worst = sorted((x for x in deltas if x[0] > 0), key=lambda x: (-x[0], -x[1], x[2]["id"]))[:TOP_REGRESSIONS]
+    if worst:
+        lines.append(f"  worst regressions (top {len(worst)}):")
+        for d, de, a, b in worst:
+            lines += [f"    {a['id']}  WER {100 * a['wer']:.0f}% -> {100 * b['wer']:.0f}% ({de:+d} errors)",
+                      f"      ref   : {a.get('ref_norm', a.get('ref', ''))}",
+                      f"      hyp A : {a.get('hyp_norm', a.get('hyp', ''))}",
+                      f"      hyp B : {b.get('hyp_norm', b.get('hyp', ''))}"]
+    rows_in_b = [r for (m, _), r in rows_b.items() if m == name]
+    left = sum(_errors(r) for r in rows_in_b)
+    with_errors = sum(_errors(r) > 0 for r in rows_in_b)
+    lines.append(f"  headroom in B: {left} word errors left; {with_errors} of {len(rows_in_b)} samples "
+                 "still have errors")
+    return lines
+
+
+def compare_runs(run_a: str | Path, run_b: str | Path, max_heldout_regression: float = 1.0,
+                 heldout: Optional[str] = None) -> tuple[str, bool]:
+    """Compare run B against run A, manifest by manifest, with a held-out guardrail.
+
+    Args:
+        run_a: Baseline run folder (from `evaluate`).
+        run_b: Candidate run folder.
+        max_heldout_regression: Largest allowed WER increase on held-out manifests, in absolute
+            percentage points (1.0 = 0.01 WER).
+        heldout: Name of the held-out manifest; default: every manifest whose name contains "heldout".
+
+    Returns:
+        (report text whose last line is "VERDICT: PASS ..." or "VERDICT: FAIL ...", passed)
+
+    Raises:
+        EvalError: a missing or unreadable run folder, no manifest in common, or an unknown `heldout`.
+    """
+    run1, sum_a, rows_a = _load_run(run_a)
+    run2, sum_b, rows_b = _load_run(run_b)
+    man_a, man_b = sum_a.get("manifests", {}), sum_b.get("manifests", {})
+    names = [n for n in man_a if n in man_b]
+    if not names:
+        raise EvalError(f"{run_a} ({', '.join(man_a) or 'nothing'}) and {run_b} ({', '.join(man_b) or 'nothing'}) "
+                        "have no manifest in common; evaluate both on the same manifests")
+    if heldout is not None and heldout not in names:
+        raise EvalError(f"--heldout {heldout!r} is not a manifest of both runs (common: {', '.join(names)})")
+    lines = [f"A: {run_a}", f"B: {run_b}"]
+    warnings = [f"{label} differ: A {run1.get(key)} vs B {run2.get(key)}"
+                for key, label in _SETTINGS if run1.get(key) != run2.get(key)]
+    for n in names:
+        sha_a = (run1.get("manifests", {}).get(n) or {}).get("sha256")
+        sha_b = (run2.get("manifests", {}).get(n) or {}).get("sha256")
+        if sha_a != sha_b:
+            warnings.append(f"manifest '{n}' differs: sha256 A {str(sha_a)[:12]} vs B {str(sha_b)[:12]}")
+    for w in warnings:
+        lines.append(f"!!! WARNING: {w}; the runs are NOT comparable as they stand")
+    only = sorted(set(man_a) ^ set(man_b))
+    if only:
+        lines.append(f"note: not in both runs, not compared: {', '.join(only)}")
+    for n in names:
+        lines += _manifest_section(n, man_a[n], man_b[n], rows_a, rows_b)
+
+    held = [heldout] if heldout is not None else [n for n in names if "heldout" in n.lower()]
+    domain = [n for n in names if n not in held]
+    failures, passes = [], []
+    if not held:
+        lines.append("no held-out manifest found (no name contains 'heldout'; use --heldout NAME): "
+                     "deciding on the domain result only")
+    for n in held:
+        reg = 100 * (man_b[n]["wer"] - man_a[n]["wer"])
+        msg = f"heldout '{n}' WER {reg:+.2f} pts (limit +{max_heldout_regression:.2f})"
+        (failures if reg > max_heldout_regression else passes).append(msg)
+    if domain:
+        wa, wb = _pooled_wer([man_a[n] for n in domain]), _pooled_wer([man_b[n] for n in domain])
+        if wa is not None and wb is not None:
+            msg = f"domain WER {100 * wa:.2f}% -> {100 * wb:.2f}% ({100 * (wb - wa):+.2f} pts)"
+            (failures if wb > wa else passes).append(msg)
+    ok = not failures
+    if warnings:
+        passes.append("settings differ, see warnings")
+    verdict = "; ".join(failures + passes) if not ok else "; ".join(passes)
+    lines.append(f"VERDICT: {'PASS' if ok else 'FAIL'} ({verdict})")
+    return "\n".join(lines), ok

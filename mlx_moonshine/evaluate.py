@@ -1,0 +1,303 @@
+"""Evaluate a model (plus optional adapter) on manifests; write a resumable, self-describing run folder.
+
+A run folder (RUN) holds:
+    run.json           what was evaluated and how: decode options, audio normalisation, text normaliser,
+                       model and adapter paths with the sha256 of their weights, manifests with their sha256
+    predictions.jsonl  one row per utterance (manifest name, id, ref, hyp, normalised texts, errors, seconds),
+                       appended and flushed batch by batch, so an interrupted eval resumes where it stopped
+    summary.json       {"run": run.json, "manifests": {name: corpus WER/CER, hours, speed, ...}}
+    manifests/         byte-for-byte copies of the manifests evaluated
+
+Resuming requires the same model, adapter, options and normalisation as recorded in run.json; otherwise
+the run is refused (use a new RUN or `force=True`, which starts over), so no file ever mixes two setups.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+from .data import Sample, copy_manifest, load_manifest
+from .decoding import DecodingOptions
+from .errors import AudioError, MoonshineError
+from .io import atomic_write_json, atomic_write_text, sha256_file
+from .metrics import TextNormalizer, corpus_scores, score
+
+RUN_FILE = "run.json"
+SUMMARY_FILE = "summary.json"
+PREDICTIONS_FILE = "predictions.jsonl"
+MODEL_WEIGHTS = "model.safetensors"
+ADAPTER_WEIGHTS = "adapters.safetensors"
+
+# run.json keys that must match for rows of two sessions to share one predictions.jsonl.
+_FINGERPRINT = ("decoding", "audio_normalization", "text_normalizer", "model", "adapter")
+
+
+class EvalError(MoonshineError):
+    """A run folder that cannot be used as asked (mismatched resume, missing files)."""
+
+
+def manifest_name(path: str | Path) -> str:
+    """The key of a manifest in run files: its file name without the extension."""
+    return Path(path).stem
+
+
+def _weights_record(path: Optional[str | Path], weights_file: str) -> Optional[dict]:
+    if path is None:
+        return None
+    path = Path(path)
+    f = path / weights_file
+    return {"path": str(path.resolve()) if path.exists() else str(path),
+            "sha256": sha256_file(f) if f.is_file() else None}
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+def _read_predictions(path: Path) -> list[dict]:
+    """Rows of predictions.jsonl; a torn last line (killed mid-write) is dropped and the file repaired."""
+    if not path.is_file():
+        return []
+    rows, lines = [], path.read_text(encoding="utf-8").splitlines(keepends=True)
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            if i == len(lines) - 1:
+                break
+            raise EvalError(f"{path}: line {i + 1} is not valid JSON ({e.msg}); delete that line, or start "
+                            "over with a new output folder or --force") from e
+    if lines and (not lines[-1].endswith("\n") or len(rows) != sum(1 for x in lines if x.strip())):
+        atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    return rows
+
+
+def _identity(value):
+    """What must match on resume: weights by hash (the folder may move), everything else as is."""
+    if isinstance(value, dict) and value.get("sha256"):
+        return value["sha256"]
+    return value
+
+
+def _check_resume(out_dir: Path, run: dict, force: bool) -> Optional[dict]:
+    """The previous run.json if resuming is allowed; None when starting fresh. Raises on a mismatch."""
+    old_path = out_dir / RUN_FILE
+    if not old_path.is_file():
+        return None
+    try:
+        old = json.loads(old_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        if force:
+            return None
+        raise EvalError(f"{old_path}: not valid JSON ({e}); use a new output folder or --force") from e
+    diffs = [k for k in _FINGERPRINT if _identity(old.get(k)) != _identity(run.get(k))]
+    for name, m in run["manifests"].items():
+        prev = old.get("manifests", {}).get(name)
+        if prev and prev.get("sha256") != m["sha256"]:
+            diffs.append(f"manifest '{name}' content (sha256 {prev.get('sha256', '?')[:12]} -> {m['sha256'][:12]})")
+    if not diffs:
+        return old
+    if force:
+        return None
+    raise EvalError(
+        f"{out_dir} holds an evaluation made with a different {', '.join(diffs)}; its predictions cannot be "
+        "resumed with these settings. Use a new output folder (-o), or --force to discard it and start over"
+    )
+
+
+def _score_row(name: str, s: Sample, hyp: str, seconds: float, truncated: bool, decode_s: float,
+               normalizer: TextNormalizer) -> dict:
+    sc = score(s.text, hyp, normalizer)
+    return dict(manifest=name, id=s.id, audio=str(s.audio_path), ref=s.text, hyp=hyp,
+                ref_norm=sc["ref"], hyp_norm=sc["hyp"], wer=sc["wer"], cer=sc["cer"],
+                substitutions=sc["substitutions"], deletions=sc["deletions"], insertions=sc["insertions"],
+                hits=sc["hits"], ref_words=sc["ref_words"], char_errors=sc["char_errors"],
+                ref_chars=sc["ref_chars"], seconds=round(seconds, 4), truncated=truncated,
+                decode_s=round(decode_s, 4))
+
+
+def _decode_group(model, processor, samples: list[Sample], options: DecodingOptions, batch_size: int,
+                  skip_invalid: bool, name: str) -> tuple[list[tuple[Sample, dict]], list[tuple[str, str]]]:
+    """Decode samples together; with skip_invalid, clips whose audio fails are set aside one by one."""
+    from .transcribe import transcribe_clips
+
+    try:
+        results = transcribe_clips(model, processor, [s.audio_path for s in samples], options, batch_size)
+        return list(zip(samples, results)), []
+    except AudioError as e:
+        if not skip_invalid:
+            ids = ", ".join(s.id for s in samples)
+            raise AudioError(f"{e} (manifest '{name}', one of ids {ids}); fix or remove the row, "
+                             "or pass --skip-invalid") from e
+        if len(samples) == 1:
+            return [], [(samples[0].id, str(e))]
+    done, bad = [], []
+    for s in samples:
+        d, b = _decode_group(model, processor, [s], options, batch_size, skip_invalid, name)
+        done += d
+        bad += b
+    return done, bad
+
+
+def _manifest_summary(rows: list[dict], record: dict, n_skipped: int) -> dict:
+    c = corpus_scores(rows) if rows else dict(n=0, wer=0.0, cer=0.0, word_errors=0, ref_words=0)
+    audio_s = sum(r["seconds"] for r in rows)
+    decode_s = sum(r.get("decode_s", 0.0) for r in rows)
+    return dict(
+        n=len(rows), n_skipped=n_skipped, wer=c["wer"], cer=c["cer"], word_errors=c["word_errors"],
+        ref_words=c["ref_words"], n_truncated=sum(bool(r["truncated"]) for r in rows),
+        n_with_errors=sum(r["substitutions"] + r["deletions"] + r["insertions"] > 0 for r in rows),
+        audio_seconds=round(audio_s, 3), hours=audio_s / 3600, decode_seconds=round(decode_s, 3),
+        rtf=decode_s / audio_s if audio_s else None,  # decode time per second of audio (< 1: faster than real time)
+        manifest=record,
+    )
+
+
+def evaluate(model, processor, manifests: Sequence[str | Path], out_dir: str | Path, *,
+             options: DecodingOptions = DecodingOptions(), batch_size: int = 8,
+             normalizer: TextNormalizer = TextNormalizer(), skip_invalid: bool = False,
+             model_path: Optional[str | Path] = None, adapter_path: Optional[str | Path] = None,
+             progress: bool = True, limit: Optional[int] = None, force: bool = False) -> dict:
+    """Transcribe every row of each manifest, score it, and write a run folder (see module docstring).
+
+    Args:
+        model, processor: from `mlx_moonshine.load` (with the adapter already applied, if any).
+        manifests: JSONL/CSV/TSV manifests; each is keyed by its file name without extension.
+        out_dir: The run folder. If it already holds predictions made the same way, they are kept and
+            only the missing rows are decoded.
+        options: Decoding options (recorded; a resume must use the same).
+        batch_size: Clips decoded together; clips are sorted by length first to minimise padding.
+        normalizer: Text normalisation applied to reference and hypothesis before scoring.
+        skip_invalid: Leave out bad manifest rows and unreadable audio (counted in `n_skipped`)
+            instead of stopping.
+        model_path: The model folder (default `processor.path`); its weights are hashed into run.json.
+        adapter_path: The adapter folder applied to `model`, if any; hashed into run.json.
+        progress: Show a progress bar per manifest on stderr.
+        limit: Evaluate only the first `limit` usable rows of each manifest.
+        force: Discard an existing run made with other settings instead of refusing.
+
+    Returns:
+        The summary dict (also written to `out_dir/summary.json`).
+
+    Raises:
+        ManifestError: bad rows (all listed) unless `skip_invalid`; EvalError: a mismatched resume.
+    """
+    from tqdm import tqdm
+
+    if batch_size < 1:
+        raise EvalError(f"batch_size must be >= 1 (got {batch_size})")
+    out_dir = Path(out_dir)
+    loaded = {}
+    for path in manifests:  # validate everything before decoding anything
+        name = manifest_name(path)
+        if name in loaded:
+            raise EvalError(f"two manifests are both named '{name}' ({loaded[name].path} and {Path(path).resolve()}); "
+                            "manifests are keyed by file name, so rename one")
+        loaded[name] = load_manifest(path, skip_invalid=skip_invalid)
+    run = dict(
+        decoding=options.to_dict(), audio_normalization=processor.audio.to_dict(),
+        text_normalizer=normalizer.to_dict(),
+        model=_weights_record(model_path if model_path is not None else processor.path, MODEL_WEIGHTS),
+        adapter=_weights_record(adapter_path, ADAPTER_WEIGHTS),
+        manifests={name: dict(source=str(m.path), sha256=m.sha256) for name, m in loaded.items()},
+        mlx_moonshine_version=_version(),
+    )
+    old = _check_resume(out_dir, run, force)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    pred_path = out_dir / PREDICTIONS_FILE
+    if old is None:
+        pred_path.unlink(missing_ok=True)
+        run["created"] = _now()
+    else:
+        run["created"] = old.get("created", _now())
+        run["manifests"] = {**old.get("manifests", {}), **run["manifests"]}
+    for name, m in loaded.items():
+        run["manifests"][name] = {**run["manifests"][name], **_copy_record(m.path, out_dir)}
+    atomic_write_json(out_dir / RUN_FILE, run)
+
+    rows = _read_predictions(pred_path)
+    summaries, previous = {}, _previous_summaries(out_dir) if old is not None else {}
+    with open(pred_path, "a", encoding="utf-8") as pred_file:
+        for name, m in loaded.items():
+            samples = m.samples[:limit] if limit is not None else m.samples
+            done = {r["id"]: r for r in rows if r.get("manifest") == name}
+            todo = sorted((s for s in samples if s.id not in done), key=_sample_length)
+            # Clips whose audio failed before stay skipped on resume (with skip_invalid), else are retried.
+            failed = [tuple(f) for f in previous.get(name, {}).get("failed_audio", [])] if skip_invalid else []
+            todo = [s for s in todo if s.id not in {i for i, _ in failed}]
+            bar = tqdm(total=len(samples), initial=len(samples) - len(todo), desc=name, unit="clip",
+                       file=sys.stderr, disable=not progress, dynamic_ncols=True)
+            try:
+                for b in range(0, len(todo), batch_size):
+                    group = todo[b:b + batch_size]
+                    t0 = time.perf_counter()
+                    decoded, bad = _decode_group(model, processor, group, options, batch_size, skip_invalid, name)
+                    per_clip = (time.perf_counter() - t0) / max(len(decoded), 1)
+                    failed += bad
+                    for s, res in decoded:
+                        row = _score_row(name, s, res["text"], res["seconds"], res["truncated"], per_clip,
+                                         normalizer)
+                        done[s.id] = row
+                        pred_file.write(json.dumps(row, ensure_ascii=False) + "\n")
+                    pred_file.flush()
+                    bar.update(len(group))
+            finally:
+                bar.close()
+            kept = [done[s.id] for s in samples if s.id in done]
+            summaries[name] = _manifest_summary(kept, run["manifests"][name], m.n_skipped + len(failed))
+            if failed:
+                summaries[name]["failed_audio"] = failed
+            if m.skipped:
+                summaries[name]["invalid_rows"] = [dict(line=line, reason=why) for line, why in m.skipped]
+            if limit is not None:
+                summaries[name]["limit"] = limit
+    # Manifests evaluated into this folder by an earlier call (same settings) stay in the summary.
+    summaries = {**{k: v for k, v in previous.items() if k not in summaries}, **summaries}
+    summary = dict(run={**run, "updated": _now()}, manifests=summaries)
+    atomic_write_json(out_dir / SUMMARY_FILE, summary)
+    return summary
+
+
+def _previous_summaries(out_dir: Path) -> dict:
+    try:
+        return json.loads((out_dir / SUMMARY_FILE).read_text(encoding="utf-8")).get("manifests", {})
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        return {}
+
+
+def _copy_record(manifest_path: Path, out_dir: Path) -> dict:
+    c = copy_manifest(manifest_path, out_dir)
+    # Stored relative to the run folder, so a moved or copied run folder stays self-contained.
+    return dict(copy=os.path.relpath(c["path"], out_dir), sha256=c["sha256"])
+
+
+def _sample_length(s: Sample) -> float:
+    from .data import sample_duration
+
+    try:
+        return sample_duration(s)
+    except Exception:  # an unreadable header: sort first; decoding reports the real error
+        return 0.0
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def format_summary(summary: dict) -> str:
+    """A short table: one line per manifest."""
+    lines = [f"{'manifest':24s} {'n':>5s} {'skip':>4s} {'WER':>7s} {'CER':>7s} {'hours':>6s} {'RTF':>6s}"]
+    for name, s in summary["manifests"].items():
+        rtf = f"{s['rtf']:.3f}" if s.get("rtf") is not None else "-"
+        lines.append(f"{name:24s} {s['n']:5d} {s['n_skipped']:4d} {100 * s['wer']:6.2f}% {100 * s['cer']:6.2f}% "
+                     f"{s['hours']:6.3f} {rtf:>6s}")
+    return "\n".join(lines)
