@@ -79,7 +79,7 @@ class DecodeResult:
 
 
 class GreedyStrategy:
-    """argmax per step (no softmax needed)."""
+    """argmax per step (no softmax needed). Finished utterances leave the batch (and the KV cache)."""
 
     def __init__(self, n_audio: int, eos: int):
         self.beam = 1
@@ -87,23 +87,25 @@ class GreedyStrategy:
         self.sequences = [[] for _ in range(n_audio)]
         self.finished = np.zeros(n_audio, dtype=bool)
         self.truncated = np.zeros(n_audio, dtype=bool)
+        self.rows = np.arange(n_audio)  # the utterance behind each row still being decoded
 
-    def scores_needed(self) -> bool:
-        return False
+    def live_sequences(self) -> list:
+        return [self.sequences[a] for a in self.rows]
 
     def update(self, logits: mx.array, budget_left: np.ndarray, cache) -> np.ndarray:
-        """logits (N, V) -> next input tokens (N,) as numpy."""
+        """logits (rows, V) -> next input tokens for the rows still decoding."""
         next_tokens = np.array(mx.argmax(logits, axis=-1)).astype(np.int64)
-        for i, tok in enumerate(next_tokens):
-            if self.finished[i]:
-                continue
+        for tok, a in zip(next_tokens, self.rows):
             if tok == self.eos:
-                self.finished[i] = True
+                self.finished[a] = True
             else:
-                self.sequences[i].append(int(tok))
-                if budget_left[i] <= 1:
-                    self.finished[i] = self.truncated[i] = True
-        next_tokens[self.finished] = self.eos
+                self.sequences[a].append(int(tok))
+                if budget_left[a] <= 1:
+                    self.finished[a] = self.truncated[a] = True
+        keep = ~self.finished[self.rows]
+        if keep.any() and not keep.all():
+            cache.reorder(mx.array(np.flatnonzero(keep)))
+            self.rows, next_tokens = self.rows[keep], next_tokens[keep]
         return next_tokens
 
     def done(self) -> bool:
@@ -126,8 +128,8 @@ class BeamSearchStrategy:
         self.finished = [[] for _ in range(n_audio)]  # (tokens, sum_logprob, truncated)
         self.closed = np.zeros(n_audio, dtype=bool)
 
-    def scores_needed(self) -> bool:
-        return True
+    def live_sequences(self) -> list:
+        return self.sequences
 
     def score(self, tokens, sum_logprob) -> float:
         length = max(len(tokens), 1)
@@ -226,7 +228,7 @@ def decode_batch(model, processor, audios: Sequence[np.ndarray],
     for step in range(int(budgets.max())):
         logits, _ = model.decode(mx.array(tokens[:, None]), cache=cache)
         logits = logits[:, -1, :]  # (N, V)
-        logits = _filter_logits(logits, step, options, eos, strategy.sequences)
+        logits = _filter_logits(logits, step, options, eos, strategy.live_sequences())
         tokens = strategy.update(logits, budgets - step, cache)
         if strategy.done():
             break
