@@ -258,7 +258,8 @@ def _source_kind(source: str) -> str:
     return "hub"
 
 
-def convert(source: str, out_dir: str | Path, dtype: str = "float32", force: bool = False, log=print) -> Path:
+def convert(source: str, out_dir: str | Path, dtype: str = "float32", force: bool = False, log=print,
+            audio: Optional["AudioConfig"] = None) -> Path:  # noqa: F821
     """Turn a Moonshine checkpoint into an MLX model folder.
 
     Args:
@@ -267,6 +268,8 @@ def convert(source: str, out_dir: str | Path, dtype: str = "float32", force: boo
         out_dir: the MLX model folder to write.
         dtype: weight dtype of the result.
         force: overwrite an existing `out_dir`.
+        audio: audio pipeline settings to record in the model (e.g. RMS normalisation); default: keep
+            the source's (upstream Moonshine: raw samples, no normalisation).
 
     Returns:
         out_dir
@@ -297,6 +300,9 @@ def convert(source: str, out_dir: str | Path, dtype: str = "float32", force: boo
         record["inputs_sha256"] = {p.name: sha256_file(p) for p in sorted(hf_dir.iterdir())
                                    if p.is_file() and p.suffix in (".json", ".safetensors")}
         model, processor = load(hf_dir, dtype=dtype)
+        if audio is not None:
+            processor.audio = audio
+        record["audio_normalization"] = processor.audio.to_dict()
         save(model, processor, out_dir, record=record)
     log(f"wrote {out_dir} ({dtype})")
     return out_dir

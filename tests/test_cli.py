@@ -100,3 +100,18 @@ def test_convert_unreachable_hub_names_offline_alternatives(tmp_path, monkeypatc
 def test_bad_decoding_options_are_rejected(tiny_model_dir, clip):
     result = run("transcribe", "--model", tiny_model_dir, "--max-tokens-per-second", "-1", clip)
     assert_clean_error(result, "max_tokens_per_second")
+
+
+def test_convert_records_rms_normalisation_used_everywhere(tiny_model_dir, tmp_path):
+    from mlx_moonshine.audio import prepare_audio, rms_normalize
+    from mlx_moonshine.loading import load
+
+    out = tmp_path / "rms"
+    assert run("convert", tiny_model_dir, "-o", out, "--normalize", "rms", "--target-dbfs", "-23").exit_code == 0
+    pre = json.loads((out / "preprocessor_config.json").read_text())
+    assert pre["mlx_moonshine_audio_normalization"] == {"method": "rms", "target_dbfs": -23.0}
+    _, processor = load(out)
+    x = (0.3 * np.random.RandomState(0).randn(8000)).astype(np.float32)
+    np.testing.assert_allclose(prepare_audio(x, processor.audio), rms_normalize(x, -23.0), rtol=1e-6)
+    _, plain = load(tiny_model_dir)
+    np.testing.assert_array_equal(prepare_audio(x, plain.audio), x)
