@@ -295,9 +295,6 @@ def test_train_cli_then_peft_parity(hf_dir, mlx_dir, tmp_path):
     assert diff <= 1e-3, diff
 
 
-@pytest.mark.xfail(reason="train_batches.EncoderCache counts frames with model.frame_lengths (tiny/base conv "
-                          "arithmetic: 40 frames per second) instead of encode()'s valid mask (streaming: 50)",
-                   strict=False)
 def test_encoder_cache_keeps_every_streaming_frame(mlx_dir, tmp_path):
     trainer = pytest.importorskip("mlx_moonshine.trainer", reason="trainer.py not written yet")
     from conftest import write_tiny_corpus

@@ -1,0 +1,125 @@
+"""Training batches: teacher-forcing token arrays, audio through the shared `prepare_audio`, augmentation,
+padding to few distinct shapes, and the in-RAM cache of frozen encoder outputs.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import mlx.core as mx
+import numpy as np
+
+from .audio import MIN_SAMPLES, SAMPLE_RATE, pad_batch, prepare_audio, resample
+
+IGNORE = -100  # label id excluded from the loss (padding)
+AUGMENTS = ("noise", "speed", "timemask")
+TOKEN_PAD = 8  # token sequences padded to a multiple of this: fewer distinct shapes to compile
+
+
+def tokenize(processor, texts: Sequence[str], max_len: Optional[int] = None):
+    """Teacher-forcing arrays for `texts`.
+
+    Returns:
+        tokens (B, L) int32 decoder input ([start] + text, padded with eos), labels (B, L) int32
+        (text + [eos], padded with IGNORE), with L a multiple of TOKEN_PAD.
+    """
+    tok, start, eos = processor.tokenizer, processor.start_id, processor.eos_id
+    seqs = [tok.encode(t) for t in texts]
+    if max_len is not None:
+        seqs = [s[: max_len - 1] for s in seqs]  # room for start/eos within the position limit
+    L = max(len(s) + 1 for s in seqs)
+    L = -(-L // TOKEN_PAD) * TOKEN_PAD
+    tokens = np.full((len(seqs), L), eos, dtype=np.int32)
+    labels = np.full((len(seqs), L), IGNORE, dtype=np.int32)
+    for i, s in enumerate(seqs):
+        tokens[i, : len(s) + 1] = [start] + s
+        labels[i, : len(s) + 1] = s + [eos]
+    return tokens, labels
+
+
+def augment_audio(x: np.ndarray, kinds: Sequence[str], rng: np.random.Generator) -> np.ndarray:
+    """Speed perturbation (0.9-1.1x), additive noise (15-35 dB SNR), 1-2 time masks (<= 5% each)."""
+    if "speed" in kinds:
+        factor = rng.uniform(0.9, 1.1)
+        # Read the clip as if recorded at factor * 16 kHz: faster speech, higher pitch (Kaldi-style).
+        y = resample(x, int(round(SAMPLE_RATE * factor)), SAMPLE_RATE)
+        x = y if len(y) >= MIN_SAMPLES else x
+    if "noise" in kinds:
+        rms = float(np.sqrt(np.mean(np.square(x, dtype=np.float64)))) or 1e-4
+        snr_db = rng.uniform(15.0, 35.0)
+        x = x + (rng.standard_normal(len(x)) * rms / 10 ** (snr_db / 20)).astype(np.float32)
+    if "timemask" in kinds:
+        x = x.copy()
+        for _ in range(rng.integers(1, 3)):
+            width = int(rng.uniform(0, 0.05) * len(x))
+            start = int(rng.integers(0, max(len(x) - width, 1)))
+            x[start:start + width] = 0.0
+    return x.astype(np.float32, copy=False)
+
+
+def load_clips(samples, processor, kinds=(), seed_path=None) -> list[np.ndarray]:
+    """Model input for each sample through THE shared `prepare_audio`; augmented when `kinds` is set.
+
+    `seed_path` (seed, epoch, batch index) makes the augmentation a pure function of the position.
+    """
+    clips = [prepare_audio(s.audio_path, processor.audio) for s in samples]
+    if kinds:
+        clips = [augment_audio(x, kinds, np.random.default_rng([*seed_path, j])) for j, x in enumerate(clips)]
+    return clips
+
+
+def pad_audio(clips: list[np.ndarray], pad_seconds: float):
+    """`audio.pad_batch`, then more zeros up to a multiple of `pad_seconds` (masked by the model)."""
+    x, lengths = pad_batch(clips)
+    step = max(int(pad_seconds * SAMPLE_RATE), 1)
+    n = -(-x.shape[1] // step) * step
+    if n > x.shape[1]:
+        x = np.pad(x, ((0, 0), (0, n - x.shape[1])))
+    return x, lengths
+
+
+class EncoderCache:
+    """Frozen encoder outputs per sample id, in RAM: memory (T_i, D) of the valid frames only."""
+
+    def __init__(self, model, processor, pad_seconds: float, batch_size: int = 8):
+        self.model, self.processor = model, processor
+        self.pad_seconds, self.batch_size = pad_seconds, batch_size
+        self.store: dict[str, mx.array] = {}
+
+    @property
+    def nbytes(self) -> int:
+        return sum(m.nbytes for m in self.store.values())
+
+    def _fill(self, samples) -> None:
+        todo = [s for s in dict((s.id, s) for s in samples).values() if s.id not in self.store]
+        for b in range(0, len(todo), self.batch_size):
+            chunk = todo[b:b + self.batch_size]
+            x, lengths = pad_audio(load_clips(chunk, self.processor), self.pad_seconds)
+            memory, valid = self.model.encode(mx.array(x), mx.array(lengths))
+            frames = np.array(valid.sum(axis=1))  # the model's own frame count (Streaming: 50/s, base: ~42/s)
+            mx.eval(memory)
+            for s, m, t in zip(chunk, memory, frames):
+                self.store[s.id] = mx.array(m[: int(t)])
+
+    def batch(self, samples):
+        """(memory (B, T, D) zero-padded, valid (B, T) bool) for `samples`."""
+        self._fill(samples)
+        mems = [self.store[s.id] for s in samples]
+        T = -(-max(m.shape[0] for m in mems) // 16) * 16  # fewer distinct shapes to compile
+        memory = mx.stack([mx.pad(m, [(0, T - m.shape[0]), (0, 0)]) for m in mems])
+        valid = mx.arange(T)[None, :] < mx.array([m.shape[0] for m in mems])[:, None]
+        return memory, valid
+
+
+def make_batch(samples, processor, args, *, cache: Optional[EncoderCache] = None,
+               augment_seed=None, max_len: Optional[int] = None) -> dict:
+    """Model inputs for `samples`: tokens, labels and either audio+lengths or cached memory+valid."""
+    tokens, labels = tokenize(processor, [s.text for s in samples], max_len)
+    batch = {"tokens": mx.array(tokens), "labels": mx.array(labels)}
+    if cache is not None:
+        batch["memory"], batch["valid"] = cache.batch(samples)
+        return batch
+    kinds = args.augment_kinds if augment_seed is not None else ()
+    x, lengths = pad_audio(load_clips(samples, processor, kinds, augment_seed), args.pad_seconds)
+    batch["audio"], batch["lengths"] = mx.array(x), mx.array(lengths)
+    return batch

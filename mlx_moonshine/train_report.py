@@ -1,0 +1,284 @@
+"""A whole training run from paths: config merge (CLI > YAML > defaults), train, final eval, report.md, fuse.
+
+`run_training` is what `mlx-moonshine train` calls; the pieces (`resolve_args`, `final_eval`,
+`write_report`) are usable on their own. The report follows the project's final-report sections:
+summary, hypothesis, success criteria, configuration, baseline vs tuned WER/CER on the domain test
+and held-out sets (measured with `evaluate.evaluate` and the run's decoding options), sample
+transcripts, timings, artefacts, decision, warnings.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+from .errors import MoonshineError
+from .io import atomic_write_text
+from .trainer import TrainArgs, TrainingError
+
+PATH_KEYS = ("model", "train", "val", "heldout", "eval_test", "replay", "out", "baseline_run")
+DOMAIN_TARGET = 0.75  # relative domain WER reduction the report checks (e.g. 0.770 -> <= 0.193)
+HELDOUT_MAX_RISE = 1.0  # absolute WER points the held-out set may rise
+
+
+def _read_yaml(path) -> dict:
+    import yaml
+
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise TrainingError(f"{path}: cannot read the training config ({e})") from e
+    if not isinstance(data, dict):
+        raise TrainingError(f"{path}: the training config must be a mapping of option: value")
+    return {k.replace("-", "_"): v for k, v in data.items()}
+
+
+def resolve_args(cli: dict, config_file=None, resume=None) -> tuple[TrainArgs, dict]:
+    """Merge defaults < resumed run's train_config.json < YAML < CLI (None means "not given").
+
+    Returns:
+        (TrainArgs, paths) with paths holding model/train/val/heldout/eval_test/replay/out/baseline_run.
+    """
+    merged: dict = {}
+    if resume is not None:
+        record = Path(resume) / "train_config.json"
+        if not record.is_file():
+            raise TrainingError(f"{resume}: not a training run (no train_config.json); pass the run folder")
+        prev = json.loads(record.read_text())
+        merged.update(prev.get("train_args", {}))
+        merged["model"] = prev.get("model", {}).get("path")
+        for name, rec in (prev.get("manifests") or {}).items():
+            if rec and rec.get("source"):
+                merged[name] = rec["source"]
+        merged.update({k: v for k, v in (prev.get("paths") or {}).items() if v is not None})
+        merged["out"] = str(resume)
+    if config_file is not None:
+        merged.update(_read_yaml(config_file))
+    merged.update({k: v for k, v in cli.items() if v is not None})
+    paths = {k: merged.pop(k, None) for k in PATH_KEYS}
+    missing = [k for k in ("model", "train", "val", "out") if not paths[k]]
+    if missing:
+        flags = ", ".join("-o" if k == "out" else f"--{k}" for k in missing)
+        raise TrainingError(f"missing {flags} (give it on the command line or in the -c YAML file)")
+    return TrainArgs.from_dict(merged), paths
+
+
+def _eval(model, processor, manifests: dict, out_dir: Path, options, model_path, adapter_path, log) -> dict:
+    from .evaluate import evaluate
+
+    paths = [p for p in manifests.values() if p]
+    log(f"evaluating {', '.join(Path(p).name for p in paths)} -> {out_dir}")
+    summary = evaluate(model, processor, paths, out_dir, options=options, model_path=model_path,
+                       adapter_path=adapter_path, progress=False)
+    return summary
+
+
+def final_eval(run: Path, paths: dict, decoding, adapter_dir: Path, log=print) -> dict:
+    """Baseline (or `paths['baseline_run']`) and tuned eval of eval_test/heldout into RUN/eval/{baseline,tuned}."""
+    from .evaluate import manifest_name
+    from .loading import load
+
+    wanted = {k: paths.get(k) for k in ("eval_test", "heldout") if paths.get(k)}
+    if not wanted:
+        return {}
+    names = {k: manifest_name(p) for k, p in wanted.items()}
+    out = {"names": names}
+    if paths.get("baseline_run"):
+        summary_file = Path(paths["baseline_run"]) / "summary.json"
+        if not summary_file.is_file():
+            raise TrainingError(f"{paths['baseline_run']}: no summary.json; pass an `mlx-moonshine eval` run folder")
+        base = json.loads(summary_file.read_text())
+        recorded = base.get("run", {}).get("decoding")
+        if recorded is not None and recorded != decoding.to_dict():
+            raise TrainingError(f"{paths['baseline_run']} was decoded with {recorded}, this run uses "
+                                f"{decoding.to_dict()}; evaluate the baseline again with the same options")
+        absent = [n for n in names.values() if n not in base.get("manifests", {})]
+        if absent:
+            raise TrainingError(f"{paths['baseline_run']} has no results for {absent}; evaluate them there first")
+        out["baseline"], out["baseline_dir"] = base, str(paths["baseline_run"])
+    else:
+        model, processor = load(paths["model"])
+        out["baseline"] = _eval(model, processor, wanted, run / "eval" / "baseline", decoding, paths["model"], None, log)
+        out["baseline_dir"] = str(run / "eval" / "baseline")
+    model, processor = load(paths["model"], adapter=adapter_dir)
+    out["tuned"] = _eval(model, processor, wanted, run / "eval" / "tuned", decoding, paths["model"], adapter_dir, log)
+    out["tuned_dir"] = str(run / "eval" / "tuned")
+    return out
+
+
+def _hms(seconds: float) -> str:
+    s = int(round(seconds))
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
+def _samples_table(base_dir: str, tuned_dir: str, name: str, n: int = 5) -> list[str]:
+    def rows(d):
+        path = Path(d) / "predictions.jsonl"
+        if not path.is_file():
+            return {}
+        out = {}
+        for line in path.read_text().splitlines():
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if r.get("manifest") == name:
+                out[r["id"]] = r
+        return out
+
+    base, tuned = rows(base_dir), rows(tuned_dir)
+    ids = sorted(set(base) & set(tuned))[:n]
+    lines = ["| id | reference | baseline | tuned |", "|---|---|---|---|"]
+    for i in ids:
+        ref = tuned[i].get("ref_norm") or tuned[i].get("ref", "")
+        lines.append(f"| {i} | {ref} | {base[i].get('hyp', '')} | {tuned[i].get('hyp', '')} |")
+    return lines if ids else []
+
+
+def decide(evals: dict, domain_target: float = DOMAIN_TARGET, heldout_max_rise: float = HELDOUT_MAX_RISE) -> dict:
+    """Check the success criteria; returns per-criterion values, pass flags and the overall decision."""
+    names, out = evals.get("names", {}), {"criteria": []}
+    b, t = evals.get("baseline", {}).get("manifests", {}), evals.get("tuned", {}).get("manifests", {})
+    if "eval_test" in names and names["eval_test"] in t:
+        wb, wt = b[names["eval_test"]]["wer"], t[names["eval_test"]]["wer"]
+        rel = (wb - wt) / wb if wb else 0.0
+        out["criteria"].append(dict(name="domain WER relative reduction", value=rel, threshold=f">= {domain_target:.0%}",
+                                    passed=rel >= domain_target, detail=f"{wb:.4f} -> {wt:.4f}"))
+    if "heldout" in names and names["heldout"] in t:
+        wb, wt = b[names["heldout"]]["wer"], t[names["heldout"]]["wer"]
+        rise = 100 * (wt - wb)
+        out["criteria"].append(dict(name="held-out WER rise (abs. points)", value=rise,
+                                    threshold=f"<= {heldout_max_rise:.1f}", passed=rise <= heldout_max_rise,
+                                    detail=f"{wb:.4f} -> {wt:.4f}"))
+    out["decision"] = bool(out["criteria"]) and all(c["passed"] for c in out["criteria"])
+    return out
+
+
+def write_report(run: Path, summary: dict, args: TrainArgs, paths: dict, decoding, evals: dict,
+                 elapsed: float, hypothesis: Optional[str] = None) -> Path:
+    """report.md in the final-report template's sections."""
+    run = Path(run)
+    verdict = decide(evals)
+    best, final, first = summary.get("best") or {}, summary.get("final") or {}, summary.get("first_val") or {}
+    adapter = json.loads((run / "adapter_config.json").read_text()) if (run / "adapter_config.json").is_file() else {}
+    L = ["# Training report", ""]
+    L += ["## Run summary", "",
+          f"{adapter.get('kind', 'lora').upper()} r={args.rank} alpha={args.alpha:g} on {args.targets} "
+          f"({len(adapter.get('modules') or [])} layers, {summary.get('n_trainable', 0):,} trainable parameters), "
+          f"{summary['steps']} steps ({summary['epochs']:.2f} epochs) of batch {args.batch_size} x {args.grad_accum}. "
+          f"Stopped by: {summary['stop_reason']}. Best validation at step {best.get('step')} "
+          f"(val loss {best.get('val_loss', float('nan')):.4f}"
+          + (f", val WER {best['val_wer']:.4f}" if best.get("val_wer") is not None else "") + ").", ""]
+    L += ["## Hypothesis", "",
+          hypothesis or ("A low-rank adapter trained on in-domain (ATC) speech teaches the base model the domain's "
+                         "vocabulary and transcript conventions (spelled-out digits, callsigns, fixes) and cuts the "
+                         "domain WER, while the frozen base keeps general speech (held-out) essentially unchanged."), ""]
+    L += ["## Success criteria", "",
+          f"* domain test WER relative reduction >= {DOMAIN_TARGET:.0%}",
+          f"* held-out WER rise <= {HELDOUT_MAX_RISE:.1f} absolute point", ""]
+    L += ["## Configuration", "", "```json", json.dumps(dict(train_args=args.to_dict(), decoding=decoding.to_dict(),
+                                                          paths={k: v for k, v in paths.items() if v}), indent=2),
+          "```", ""]
+    L += ["## Results", ""]
+    names = evals.get("names", {})
+    if names:
+        L += ["| set | n | baseline WER | tuned WER | baseline CER | tuned CER |", "|---|---|---|---|---|---|"]
+        for key, name in names.items():
+            b = evals["baseline"]["manifests"].get(name, {})
+            t = evals["tuned"]["manifests"].get(name, {})
+            L.append(f"| {name} ({key}) | {t.get('n', '-')} | {b.get('wer', float('nan')):.4f} | "
+                     f"{t.get('wer', float('nan')):.4f} | {b.get('cer', float('nan')):.4f} | {t.get('cer', float('nan')):.4f} |")
+        L += ["", f"Baseline: `{evals.get('baseline_dir')}`; tuned (best adapter): `{evals.get('tuned_dir')}`.", ""]
+        for c in verdict["criteria"]:
+            L.append(f"* {c['name']}: {c['value']:.4g} ({c['detail']}), needs {c['threshold']}: "
+                     f"{'PASS' if c['passed'] else 'FAIL'}")
+        L.append("")
+    else:
+        L += ["No --eval-test / --heldout given: no final evaluation.", ""]
+    L += ["Validation during training (first val rows, shared decoder):", "",
+          f"* step 0: val loss {first.get('val_loss', float('nan')):.4f}, val WER {first.get('val_wer', float('nan')):.4f}",
+          f"* best (step {best.get('step')}): val loss {best.get('val_loss', float('nan')):.4f}, "
+          f"val WER {(best.get('val_wer') if best.get('val_wer') is not None else float('nan')):.4f}",
+          f"* final (step {final.get('step')}): val loss {final.get('val_loss', float('nan')):.4f}, "
+          f"val WER {final.get('val_wer', float('nan')):.4f}", ""]
+    for key, name in names.items():
+        table = _samples_table(evals["baseline_dir"], evals["tuned_dir"], name)
+        if table:
+            L += [f"### Sample transcripts: {name}", "", *table, ""]
+    L += ["## Duration", "",
+          f"* wall time {_hms(elapsed)} ({elapsed:.0f} s elapsed), of which the training loop "
+          f"(validations included) {_hms(summary['train_seconds'])}",
+          f"* mean step time {summary.get('step_seconds')} s; peak MLX memory {summary['peak_memory_gb']:.2f} GiB; "
+          f"peak RSS {summary['peak_rss_gb']:.2f} GiB; skipped (non-finite) steps {summary['skipped_steps']}",
+          f"* encoder cache: {'on' if summary['encoder_cache'] else 'off'}", ""]
+    L += ["## Artefacts", "",
+          *[f"* `{run / name}`" for name in ("adapters.safetensors", "adapter_config.json", "best/", "checkpoint/",
+                                              "metrics.jsonl", "loss.png", "wer.png", "train_config.json",
+                                              "summary.json", "manifests/")],
+          *([f"* `{run / 'fused'}`"] if (run / "fused").is_dir() else []), ""]
+    L += ["## Decision", "",
+          ("**yes**: every criterion passes." if verdict["decision"] else
+           "**no**: " + (", ".join(c["name"] for c in verdict["criteria"] if not c["passed"]) or "no final evaluation")
+           + (" failed." if verdict["criteria"] else ".")), ""]
+    L += ["## Warnings", ""] + ([f"* {w}" for w in summary.get("warnings", [])] or ["* none"]) + [""]
+    atomic_write_text(run / "report.md", "\n".join(L))
+    return run / "report.md"
+
+
+def run_training(cli: dict, *, config_file=None, resume=None, fuse: bool = False, decoding=None,
+                 skip_invalid: bool = False, log: Callable[[str], None] = print) -> dict:
+    """Everything `mlx-moonshine train` does: merge options, load, train, evaluate, report, fuse.
+
+    Args:
+        cli: Options given on the command line (None = not given), TrainArgs fields and PATH_KEYS.
+        config_file: Optional YAML of the same keys.
+        resume: A run folder to continue (its train_config.json gives the defaults, its checkpoint the state).
+        fuse: Also write RUN/fused, a plain MLX model folder with the best adapter merged in.
+        decoding: DecodingOptions for validation WER and the final eval.
+
+    Returns:
+        dict(summary=train summary, evals=final eval summaries, decision=..., report=path).
+    """
+    from .adapters import fuse_model, load_adapters
+    from .data import load_manifest
+    from .decoding import DecodingOptions
+    from .loading import load, save
+    from .trainer import train
+    from .train_state import BEST
+
+    t0 = time.perf_counter()
+    args, paths = resolve_args(cli, config_file, resume)
+    decoding = decoding or DecodingOptions()
+    run = Path(paths["out"])
+    if resume is not None:
+        recorded = json.loads((Path(resume) / "train_config.json").read_text()).get("decoding")
+        if recorded and recorded != decoding.to_dict():
+            log(f"warning: decoding options differ from the run's ({recorded}); validation WERs before and "
+                "after the resume are not comparable")
+    if resume is None and (run / "checkpoint").exists():
+        raise TrainingError(f"{run} already holds a training run; continue it with --resume {run} or pick another -o")
+    sets = {k: load_manifest(paths[k], skip_invalid=skip_invalid) if paths.get(k) else None
+            for k in ("train", "val", "heldout", "replay", "eval_test")}
+    model, processor = load(paths["model"])
+    summary = train(model, processor, sets["train"], sets["val"], args, run_dir=run, heldout_set=sets["heldout"],
+                    replay_set=sets["replay"], decoding=decoding, resume=resume is not None, log=log,
+                    record=dict(paths={k: (str(v) if v else None) for k, v in paths.items()}))
+    adapter_dir = run / BEST if (run / BEST / "adapters.safetensors").is_file() else run
+    evals = final_eval(run, paths, decoding, adapter_dir, log=log)
+    if fuse:
+        fused, processor = load(paths["model"])
+        load_adapters(fused, adapter_dir)
+        fuse_model(fused)
+        save(fused, processor, run / "fused", record=dict(base=str(paths["model"]), adapter=str(adapter_dir)))
+        log(f"wrote {run / 'fused'}")
+    elapsed = time.perf_counter() - t0
+    report = write_report(run, summary, args, paths, decoding, evals, elapsed)
+    verdict = decide(evals)
+    log(f"wrote {report}")
+    return dict(summary=summary, evals={k: v for k, v in evals.items() if k in ("names", "baseline_dir", "tuned_dir")},
+                decision=verdict, report=str(report))
+
+
+__all__ = ["run_training", "resolve_args", "final_eval", "write_report", "decide", "MoonshineError"]

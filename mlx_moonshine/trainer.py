@@ -1,0 +1,492 @@
+"""LoRA/DoRA training of Moonshine: teacher-forced cross entropy, AdamW, periodic validation, resume.
+
+    model, processor = load("base-mlx")
+    args = TrainArgs(max_steps=300, lr=1e-3, rank=8)
+    summary = train(model, processor, train_samples, val_samples, args, run_dir="runs/atc")
+
+One training step sees `batch_size * grad_accum` utterances:
+    decoder input = [start] + tokenizer.encode(text)     labels = tokenizer.encode(text) + [eos]
+and the loss is the mean cross entropy over the real label tokens of the whole step. Audio goes
+through `audio.prepare_audio` (the function transcribe and eval use), is padded with
+`audio.pad_batch`, and the model masks the padding from the sample lengths.
+
+The step is compiled with explicit state (model, optimizer, RNG) and evaluated once. A step whose
+loss or gradient is not finite changes nothing (weights, optimizer moments, step count) and is
+counted. The data order is a pure function of (seed, epoch), so a checkpoint only stores where in
+the epoch it was (see train_state.py for the run folder and checkpoints).
+
+When every adapter sits in the decoder and no augmentation is on, the encoder is frozen and
+deterministic: its outputs are computed once per utterance and kept in RAM (`EncoderCache`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import mlx.core as mx
+import mlx.optimizers as optim
+from mlx.utils import tree_flatten
+
+from . import data as data_lib
+from .adapters import AdapterConfig, adapter_layers, apply_adapters, load_adapters
+from .errors import MoonshineError
+from .train_batches import AUGMENTS, IGNORE, EncoderCache, load_clips, make_batch, tokenize  # noqa: F401
+from .train_step import Stepper, default_loss, set_grad_checkpoint
+
+SCHEDULES = ("cosine", "linear", "constant")
+
+
+class TrainingError(MoonshineError):
+    """Training cannot start or cannot go on (bad arguments, loss not finite for too long)."""
+
+
+@dataclass
+class TrainArgs:
+    """Everything that shapes a training run; saved in `train_config.json`. Unknown keys are ignored."""
+
+    max_steps: int = 300  # optimizer steps (each: batch_size * grad_accum utterances)
+    schedule_steps: Optional[int] = None  # length of the lr schedule; None: max_steps. Set it to stop early and resume exactly
+    lr: float = 1e-3
+    batch_size: int = 2
+    grad_accum: int = 1
+    warmup_steps: int = 20  # linear warm-up from 0 to lr
+    schedule: str = "cosine"  # after warm-up: "cosine" or "linear" decay to 0, or "constant"
+    weight_decay: float = 0.01  # AdamW, on the adapter weights only (the base is frozen)
+    # Adapter (see adapters.AdapterConfig)
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.05
+    targets: str = "q_proj,v_proj"
+    scope: str = "encoder,decoder_self,decoder_cross"
+    layers: Optional[list] = None  # layer indices per stack; None: all
+    dora: bool = False
+    init: str = "default"  # "default", "pissa" or "pissa_niter_N"
+    rslora: bool = False
+    perturb_sigma: float = 0.0  # Flat-LoRA weight noise; 0: off
+    seed: int = 0
+    # Validation and stopping
+    eval_every: int = 50  # steps between validations and checkpoints
+    log_every: int = 10  # steps between metrics rows
+    val_batches: int = 0  # batches of val for the val loss; 0: all rows
+    val_wer_samples: int = 60  # first rows of val decoded for the val WER; 0: none
+    aux_loss_rows: int = 60  # rows of replay/heldout whose loss is tracked at each validation
+    patience: int = 0  # validations without improvement before stopping; 0: never stop early
+    max_minutes: Optional[float] = None  # wall-clock budget for the training loop (checked every step); None: none
+    max_nonfinite: int = 10  # consecutive non-finite steps before giving up
+    # Data
+    max_seconds: Optional[float] = 30.0  # longer clips are left out of training (and counted)
+    replay_ratio: float = 0.0  # share of training rows drawn from the replay set
+    augment: str = ""  # comma list of noise, speed, timemask; "" = off
+    cache_encoder: str = "auto"  # "auto" (on when legal), "on" (error if not legal), "off"
+    # Compute
+    dtype: str = "float32"  # base weights; adapter weights stay float32
+    grad_checkpoint: bool = False
+    # mx.compile the step: None = on Metal/GPU, off on the CPU backend, where every new batch shape
+    # costs a C++ kernel build (~8 s each here) that a few hundred steps never win back.
+    compile: Optional[bool] = None
+    pad_seconds: float = 0.5  # audio padded to a multiple of this: fewer distinct shapes to compile
+
+    def __post_init__(self):
+        problems = []
+        for name in ("max_steps", "batch_size", "grad_accum", "rank", "eval_every", "log_every", "max_nonfinite"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name} must be >= 1 (got {getattr(self, name)})")
+        for name in ("warmup_steps", "val_batches", "val_wer_samples", "aux_loss_rows", "patience"):
+            if getattr(self, name) < 0:
+                problems.append(f"{name} must be >= 0 (got {getattr(self, name)})")
+        if self.max_minutes is not None and self.max_minutes <= 0:
+            problems.append(f"max_minutes must be > 0 (got {self.max_minutes})")
+        if self.lr <= 0 or not math.isfinite(self.lr):
+            problems.append(f"lr must be a positive number (got {self.lr})")
+        if self.schedule not in SCHEDULES:
+            problems.append(f"schedule {self.schedule!r} is not one of {', '.join(SCHEDULES)}")
+        if self.schedule_steps is not None and self.schedule_steps < self.max_steps:
+            problems.append(f"schedule_steps {self.schedule_steps} is shorter than max_steps {self.max_steps}")
+        if not 0.0 <= self.replay_ratio < 1.0:
+            problems.append(f"replay_ratio must be in [0, 1) (got {self.replay_ratio})")
+        bad = [a for a in self.augment_kinds if a not in AUGMENTS]
+        if bad:
+            problems.append(f"augment {bad} unknown; use a comma list of {', '.join(AUGMENTS)}")
+        if self.cache_encoder not in ("auto", "on", "off"):
+            problems.append(f"cache_encoder must be auto, on or off (got {self.cache_encoder!r})")
+        if self.dtype not in ("float32", "float16", "bfloat16"):
+            problems.append(f"dtype {self.dtype!r} is not float32, float16 or bfloat16")
+        if problems:
+            raise TrainingError("invalid training arguments: " + "; ".join(problems))
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainArgs":
+        """Build from a dict (YAML, JSON), ignoring unknown keys; '-' in keys reads as '_'.
+
+        Numbers written as strings (YAML 1.1 reads `1e-3` as a string) are converted.
+        """
+        types = {f.name: f.type for f in dataclasses.fields(cls)}
+        known = {}
+        for key, value in d.items():
+            key = key.replace("-", "_")
+            if key not in types or value is None and "Optional" not in str(types[key]):
+                continue
+            known[key] = _coerce(key, value, str(types[key]))
+        return cls(**known)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @property
+    def augment_kinds(self) -> list[str]:
+        return [a.strip() for a in str(self.augment or "").split(",") if a.strip()]
+
+    @property
+    def total_schedule_steps(self) -> int:
+        return self.schedule_steps or self.max_steps
+
+    def adapter_config(self) -> AdapterConfig:
+        return AdapterConfig(kind="dora" if self.dora else "lora", r=self.rank, alpha=self.alpha,
+                             dropout=self.dropout, use_rslora=self.rslora, init=self.init,
+                             targets=self.targets, scope=self.scope, layers=self.layers,
+                             perturb_sigma=self.perturb_sigma, seed=self.seed)
+
+
+def _coerce(key: str, value, type_name: str):
+    try:
+        if "bool" in type_name and isinstance(value, str):
+            if value.lower() not in ("true", "false", "yes", "no", "1", "0", "on", "off"):
+                raise ValueError(value)
+            return value.lower() in ("true", "yes", "1", "on")
+        if "float" in type_name and isinstance(value, (str, int)) and not isinstance(value, bool):
+            return float(value)
+        if "int" in type_name and isinstance(value, str):
+            return int(value)
+        if key in ("targets", "scope", "augment") and isinstance(value, (list, tuple)):
+            return ",".join(str(v) for v in value)
+    except ValueError:
+        raise TrainingError(f"training argument {key}={value!r} is not a valid {type_name}") from None
+    return value
+
+
+def lr_schedule(args: TrainArgs) -> Callable:
+    """Linear warm-up to `args.lr`, then cosine/linear decay to 0 (or constant) at the schedule's end."""
+    steps = args.total_schedule_steps
+    warmup = min(args.warmup_steps, steps)
+    rest = max(steps - warmup, 1)
+    if args.schedule == "cosine":
+        main = optim.cosine_decay(args.lr, rest, 0.0)
+    elif args.schedule == "linear":
+        main = optim.linear_schedule(args.lr, 0.0, rest)
+    else:
+        main = lambda step: mx.array(args.lr, dtype=mx.float32)  # noqa: E731
+    if warmup == 0:
+        return main
+    # Warm-up starts one step above 0 so the first update is not wasted.
+    return optim.join_schedules([optim.linear_schedule(args.lr / (warmup + 1), args.lr, warmup), main], [warmup])
+
+
+# -- validation ---------------------------------------------------------------------------------
+
+
+def eval_loss(model, processor, samples, args: TrainArgs, loss: Callable = default_loss,
+              cache: Optional[EncoderCache] = None, max_batches: int = 0, max_len=None) -> float:
+    """Token-weighted mean loss over `samples` (fixed order; the first `max_batches` batches if > 0)."""
+    batches = list(data_lib.iterate_batches(samples, args.batch_size, shuffle=False))
+    if max_batches:
+        batches = batches[:max_batches]
+    total, count = 0.0, 0
+    for b in batches:
+        value, ntoks = loss(model, make_batch(b, processor, args, cache=cache, max_len=max_len))
+        mx.eval(value, ntoks)
+        total += value.item() * ntoks.item()
+        count += ntoks.item()
+    return total / max(count, 1)
+
+
+def eval_wer(model, processor, samples, options, batch_size: int = 8) -> dict:
+    """Corpus WER/CER of greedy/beam transcripts (the shared decoder) on `samples`."""
+    from .decoding import decode_batch
+    from .metrics import corpus_scores, score
+
+    order = sorted(samples, key=lambda s: s.duration or 0.0)
+    rows = []
+    for b in range(0, len(order), batch_size):
+        chunk = order[b:b + batch_size]
+        for s, res in zip(chunk, decode_batch(model, processor, load_clips(chunk, processor), options)):
+            rows.append(dict(score(s.text, res.text), id=s.id))
+    out = corpus_scores(rows)
+    out["samples"] = sorted(rows, key=lambda r: r["id"])
+    return out
+
+
+# -- the loop -----------------------------------------------------------------------------------
+
+
+def _filter_long(samples, max_seconds, name, warnings):
+    if max_seconds is None:
+        return list(samples)
+    kept = [s for s in samples if (s.duration or data_lib.sample_duration(s)) <= max_seconds]
+    if len(kept) < len(samples):
+        warnings.append(f"{name}: left out {len(samples) - len(kept)} clips longer than {max_seconds:g} s")
+    if not kept:
+        raise TrainingError(f"{name}: every clip is longer than max_seconds={max_seconds:g}; raise --max-seconds")
+    return kept
+
+
+def _samples(x):
+    return list(x.samples) if hasattr(x, "samples") else list(x)
+
+
+def epoch_batches(samples, args: TrainArgs, epoch: int, iterate_batches=data_lib.iterate_batches,
+                  replay=None) -> list[list]:
+    """The training batches of `epoch`: a pure function of (seed, epoch), replay rows mixed in.
+
+    With replay ratio r, batch k gets round((k+1) * c) - round(k * c) replay rows, c = B * r / (1 - r),
+    so replay rows make up a share r of all rows; which rows is a pure function of (seed, epoch, k).
+    """
+    batches = [list(b) for b in iterate_batches(samples, args.batch_size, shuffle=True, seed=args.seed + epoch)]
+    if replay and args.replay_ratio > 0:
+        import random
+
+        c = args.batch_size * args.replay_ratio / (1 - args.replay_ratio)
+        for k, b in enumerate(batches):
+            n = round((k + 1) * c) - round(k * c)
+            rng = random.Random(f"replay-{args.seed}-{epoch}-{k}")
+            b.extend(rng.sample(replay, min(n, len(replay))))
+    return batches
+
+
+def train(model, processor, train_set, val_set, args: TrainArgs, *, run_dir=None, heldout_set=None,
+          replay_set=None, loss: Callable = default_loss, iterate_batches=data_lib.iterate_batches,
+          callback: Optional[Callable[[dict], None]] = None, decoding=None, resume: bool = False,
+          log: Callable[[str], None] = print, progress: bool = True, record: Optional[dict] = None) -> dict:
+    """Train adapters on `model` in place and write the run folder.
+
+    Args:
+        model, processor: From `loading.load` (base model, no adapters; with `resume` the adapters come
+            from the run's checkpoint).
+        train_set, val_set: Manifests or lists of `data.Sample`.
+        args: Training arguments.
+        run_dir: Run folder (required): adapters, checkpoint/, best/, metrics.jsonl, plots, train_config.json.
+        heldout_set: Optional general-speech rows whose loss is tracked (never used for decisions).
+        replay_set: Optional general-speech rows mixed into training at `args.replay_ratio`; its first
+            `args.aux_loss_rows` rows are held out and their loss joins the early-stopping metric.
+        loss: `loss(model, batch) -> (mean loss, tokens)`.
+        iterate_batches: `iterate_batches(samples, batch_size, shuffle=, seed=)` yielding lists of samples.
+        callback: Called with every metrics row (dict).
+        decoding: `DecodingOptions` for the val WER (default: greedy, the eval defaults).
+        resume: Continue from `run_dir/checkpoint` (exactly where it stopped).
+        log: Where progress lines go.
+        progress: Show a tqdm bar.
+        record: Extra keys for train_config.json (e.g. the paths the CLI was given).
+
+    Returns:
+        Summary dict: steps, best (step, val_loss, val_wer), final val loss/WER, skipped steps, timings,
+        peak memory, paths.
+    """
+    from . import train_state as ts
+    from .decoding import DecodingOptions
+
+    if run_dir is None:
+        raise TrainingError("train() needs run_dir, the folder to write the run into")
+    run = Path(run_dir)
+    decoding = decoding or DecodingOptions()
+    warnings: list[str] = []
+    train_samples = _filter_long(_samples(train_set), args.max_seconds, "train", warnings)
+    val_samples = _samples(val_set)
+    replay_train, replay_val = [], []
+    if replay_set is not None:
+        rows = _samples(replay_set)
+        n_hold = min(args.aux_loss_rows, len(rows) // 4)
+        replay_val, replay_train = rows[:n_hold], _filter_long(rows[n_hold:], args.max_seconds, "replay", warnings)
+    heldout_rows = _samples(heldout_set)[: args.aux_loss_rows] if heldout_set is not None else []
+    if args.replay_ratio > 0 and not replay_train:
+        raise TrainingError("replay_ratio > 0 needs a replay set (--replay MANIFEST)")
+
+    # Model: compute dtype, adapters (fresh, or the checkpoint's), frozen base.
+    checkpoint = ts.find_checkpoint(run) if resume else None
+    if resume and checkpoint is None:
+        raise TrainingError(f"{run}: no checkpoint to resume from (expected {run / ts.CHECKPOINT}/state.json)")
+    if args.dtype != "float32":
+        from .loading import cast_model
+
+        cast_model(model, args.dtype)
+    if checkpoint is not None:
+        config = load_adapters(model, checkpoint)
+    else:
+        config = args.adapter_config()
+        apply_adapters(model, config)
+    n_trainable = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
+    in_encoder = [p for p, _ in adapter_layers(model) if ".encoder." in p]
+    can_cache = not in_encoder and not args.augment_kinds
+    if args.cache_encoder == "on" and not can_cache:
+        raise TrainingError("cache_encoder=on needs every adapter in the decoder (scope decoder_self/"
+                            f"decoder_cross) and no augmentation; {len(in_encoder)} adapters are in the encoder")
+    use_cache = can_cache and args.cache_encoder != "off"
+    caches = {}
+    if use_cache:
+        for name in ("train", "val", "replay", "heldout"):
+            caches[name] = EncoderCache(model, processor, args.pad_seconds)
+    max_len = model.args.max_position_embeddings
+
+    optimizer = optim.AdamW(learning_rate=lr_schedule(args), weight_decay=args.weight_decay)
+    optimizer.init(model.trainable_parameters())
+    progress_state = ts.TrainProgress()
+    if checkpoint is not None:
+        progress_state = ts.restore(checkpoint, optimizer, model, args, warnings)
+    else:
+        mx.random.seed(args.seed)
+    if args.grad_checkpoint:
+        set_grad_checkpoint(model, True)
+    compile_step = args.compile if args.compile is not None else mx.default_device().type != mx.DeviceType.cpu
+    stepper = Stepper(model, optimizer, loss, compile=compile_step)
+
+    writer = ts.RunWriter(run, resume_step=progress_state.step if checkpoint is not None else None)
+    ts.write_run_files(run, model, processor, args, config, decoding, train_set, val_set, heldout_set,
+                       replay_set, extra=dict(n_trainable=int(n_trainable), encoder_cache=use_cache,
+                                              adapter_modules=len(config.modules or []), **(record or {})))
+    log(f"adapters: {config.kind} r={config.r} on {len(config.modules or [])} layers, "
+        f"{n_trainable:,} trainable parameters")
+    log("encoder cache: " + ("on (every adapter is in the decoder: frozen encoder outputs are computed once "
+                             "per utterance and kept in RAM)" if use_cache else
+                             f"off ({'adapters in the encoder' if in_encoder else 'augmentation on' if args.augment_kinds else 'disabled'})"))
+    for w in warnings:
+        log(f"warning: {w}")
+
+    def emit(row: dict):
+        writer.append(row)
+        if callback is not None:
+            callback(row)
+
+    def validate(step: int) -> dict:
+        t0 = time.perf_counter()
+        model.eval()
+        row = {"step": step, "kind": "val",
+               "val_loss": eval_loss(model, processor, val_samples, args, loss, caches.get("val"),
+                                     args.val_batches, max_len)}
+        if replay_val:
+            row["replay_loss"] = eval_loss(model, processor, replay_val, args, loss, caches.get("replay"), 0, max_len)
+        if heldout_rows:
+            row["heldout_loss"] = eval_loss(model, processor, heldout_rows, args, loss, caches.get("heldout"), 0, max_len)
+        if args.val_wer_samples:
+            wer = eval_wer(model, processor, val_samples[: args.val_wer_samples], decoding)
+            row.update(val_wer=wer["wer"], val_cer=wer["cer"], val_wer_n=wer["n"])
+        row["monitor"] = row["val_loss"] + row.get("replay_loss", 0.0)
+        row["val_seconds"] = round(time.perf_counter() - t0, 2)
+        model.train()
+        return row
+
+    model.train()
+    mx.reset_peak_memory()
+    p = progress_state
+    tic_run = time.perf_counter()
+    if checkpoint is None and args.eval_every:
+        row = validate(0)
+        p.best = dict(step=0, monitor=row["monitor"], val_loss=row["val_loss"], val_wer=row.get("val_wer"))
+        p.first_val = row
+        emit(row)
+        log(_val_line(row))
+    batches = epoch_batches(train_samples, args, p.epoch, iterate_batches, replay_train)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=args.max_steps, initial=p.step, desc="train", dynamic_ncols=True, leave=True)
+    window = dict(loss=0.0, tokens=0, steps=0, seconds=0.0)
+    stop_reason = "max_steps"
+    while p.step < args.max_steps:
+        tic = time.perf_counter()
+        micro = []
+        for _ in range(args.grad_accum):
+            if p.batch_index >= len(batches):
+                p.epoch, p.batch_index = p.epoch + 1, 0
+                batches = epoch_batches(train_samples, args, p.epoch, iterate_batches, replay_train)
+            samples = batches[p.batch_index]
+            aug_seed = (args.seed, p.epoch, p.batch_index) if args.augment_kinds else None
+            micro.append(make_batch(samples, processor, args, cache=caches.get("train"), augment_seed=aug_seed,
+                                    max_len=max_len))
+            p.batch_index += 1
+        value, ntoks, finite = stepper(micro)
+        p.step += 1
+        if not finite.item():
+            p.skipped += 1
+            p.nonfinite_run += 1
+            if p.nonfinite_run >= args.max_nonfinite:
+                raise TrainingError(f"loss or gradient was not finite for {p.nonfinite_run} steps in a row "
+                                    f"(step {p.step}); lower --lr, use --dtype float32, or check the data")
+        else:
+            p.nonfinite_run = 0
+            window["loss"] += value.item()
+            window["tokens"] += int(ntoks.item())
+            window["steps"] += 1
+        window["seconds"] += time.perf_counter() - tic
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{value.item():.3f}", lr=f"{optimizer.learning_rate.item():.2e}",
+                            mem=f"{mx.get_peak_memory() / 2**30:.2f}G", refresh=False)
+        if p.step % args.log_every == 0 or p.step == args.max_steps:
+            secs = max(window["seconds"], 1e-9)
+            n_steps = args.log_every if p.step % args.log_every == 0 else p.step % args.log_every
+            emit({"step": p.step, "kind": "train", "epoch": p.epoch,
+                  "loss": window["loss"] / max(window["steps"], 1) if window["steps"] else float("nan"),
+                  "lr": optimizer.learning_rate.item(), "it_per_s": n_steps / secs,
+                  "tokens_per_s": window["tokens"] / secs, "step_seconds": secs / n_steps,
+                  "peak_memory_gb": mx.get_peak_memory() / 2**30, "rss_gb": ts.peak_rss_gb(),
+                  "skipped": p.skipped})
+            window = dict(loss=0.0, tokens=0, steps=0, seconds=0.0)
+        if p.step % args.eval_every == 0 or p.step == args.max_steps:
+            row = validate(p.step)
+            emit(row)
+            log(_val_line(row))
+            improved = p.best is None or row["monitor"] < p.best["monitor"]
+            if improved:
+                p.best = dict(step=p.step, monitor=row["monitor"], val_loss=row["val_loss"], val_wer=row.get("val_wer"))
+                p.bad_evals = 0
+                ts.save_best(run, model, config)
+            else:
+                p.bad_evals += 1
+            p.last_val = row
+            p.elapsed = p.elapsed + time.perf_counter() - tic_run
+            tic_run = time.perf_counter()
+            ts.save_checkpoint(run, model, config, optimizer, p, args)
+            if args.patience and p.bad_evals >= args.patience:
+                stop_reason = f"early stop: no improvement in {p.bad_evals} validations"
+                log(stop_reason)
+                break
+        spent = p.elapsed + time.perf_counter() - tic_run
+        if args.max_minutes is not None and spent > 60 * args.max_minutes and p.step < args.max_steps:
+            stop_reason = f"time budget: stopped after {p.step} steps ({spent / 60:.1f} of {args.max_minutes:g} min)"
+            log(stop_reason)
+            break
+    if bar is not None:
+        bar.close()
+    if args.grad_checkpoint:
+        set_grad_checkpoint(model, False)
+    p.elapsed += time.perf_counter() - tic_run
+    if p.last_val is None or p.last_val["step"] != p.step:  # resumed after the final step, or max_steps 0
+        p.last_val = validate(p.step)
+    ts.save_checkpoint(run, model, config, optimizer, p, args)
+    writer.plot()
+    model.eval()
+    summary = dict(
+        steps=p.step, epochs=p.epoch + p.batch_index / max(len(batches), 1), stop_reason=stop_reason,
+        skipped_steps=p.skipped, best=p.best, final=p.last_val, first_val=p.first_val,
+        train_seconds=round(p.elapsed, 2), n_trainable=int(n_trainable), encoder_cache=use_cache,
+        encoder_cache_mb=round(caches["train"].nbytes / 2**20, 1) if use_cache else 0.0,
+        peak_memory_gb=mx.get_peak_memory() / 2**30, peak_rss_gb=ts.peak_rss_gb(),
+        step_seconds=writer.mean_step_seconds(), warnings=warnings, run_dir=str(run),
+        adapters=str(run / "adapters.safetensors"), best_dir=str(run / ts.BEST))
+    ts.write_summary(run, summary)
+    return summary
+
+
+def _val_line(row: dict) -> str:
+    parts = [f"step {row['step']}: val loss {row['val_loss']:.4f}"]
+    if "val_wer" in row:
+        parts.append(f"val WER {row['val_wer']:.4f} ({row['val_wer_n']} rows)")
+    for key in ("replay_loss", "heldout_loss"):
+        if key in row:
+            parts.append(f"{key.replace('_', ' ')} {row[key]:.4f}")
+    return ", ".join(parts) + f" [{row['val_seconds']:.1f} s]"
+
