@@ -49,15 +49,23 @@ def main():
 @click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float32",
               show_default=True)
 @click.option("--force", is_flag=True, help="Overwrite OUT if it exists.")
-def convert(source, out_dir, dtype, force):
+@click.option("--normalize", type=click.Choice(["none", "rms"]), default=None,
+              help="Audio normalisation the model expects, stored in preprocessor_config.json and applied by "
+                   "transcribe, eval and train alike (default: the source's; upstream Moonshine: none).")
+@click.option("--target-dbfs", default=-20.0, show_default=True, type=float,
+              help="RMS level for --normalize rms, in dB relative to full scale.")
+def convert(source, out_dir, dtype, force, normalize, target_dbfs):
     """Convert SOURCE to an MLX model folder.
 
     SOURCE is a local Hugging Face checkpoint folder, a Hub repo id (UsefulSensors/moonshine-tiny), a folder
     with Moonshine ONNX/ORT files, or moonshine-cpp:base-en (real base weights from PyPI).
     """
+    from .audio import AudioConfig
     from .loading import convert as _convert
 
-    _run(_convert, source, out_dir, dtype=dtype, force=force, log=lambda m: click.echo(m, err=True))
+    audio = None if normalize is None else AudioConfig(normalize=None if normalize == "none" else normalize,
+                                                       target_rms_dbfs=target_dbfs)
+    _run(_convert, source, out_dir, dtype=dtype, force=force, log=lambda m: click.echo(m, err=True), audio=audio)
 
 
 def decoding_options(fn):
@@ -114,6 +122,110 @@ def transcribe(model_path, adapter, audio, as_json, batch_size, **kwargs):
             click.echo(res["text"])
 
 
+@main.command("eval")
+@click.option("--model", "model_path", required=True, help="MLX model folder (or HF checkpoint / Hub id).")
+@click.option("--adapter", default=None, type=click.Path(path_type=Path),
+              help="Training run or adapter folder to apply.")
+@click.option("--manifest", "manifests", multiple=True, required=True, type=click.Path(path_type=Path),
+              help="JSONL/CSV/TSV manifest; repeat for several.")
+@click.option("-o", "--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Run folder (resumed if it holds an interrupted run with the same settings).")
+@click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1))
+@decoding_options
+@click.option("--skip-invalid", is_flag=True, help="Leave bad rows and unreadable audio out instead of stopping.")
+@click.option("--limit", default=None, type=click.IntRange(min=1), help="Only the first N rows of each manifest.")
+@click.option("--force", is_flag=True, help="Discard an existing run made with other settings.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def eval_cmd(model_path, adapter, manifests, out_dir, batch_size, skip_invalid, limit, force, quiet, **kwargs):
+    """Evaluate a model (and adapter) on manifests: predictions, WER/CER and run metadata into OUT."""
+    options = _decoding_from_kwargs(kwargs)
+    from .data import load_manifest
+    from .evaluate import evaluate, format_summary
+    from .loading import load, resolve_model_dir
+
+    # Validate the manifests before the (slow) model load; evaluate() loads them again.
+    for m in manifests:
+        _run(load_manifest, m, skip_invalid=skip_invalid)
+    model, processor = _run(load, model_path, adapter=adapter)
+    summary = _run(evaluate, model, processor, list(manifests), out_dir, options=options, batch_size=batch_size,
+                   skip_invalid=skip_invalid, model_path=_run(resolve_model_dir, model_path),
+                   adapter_path=adapter, progress=not quiet, limit=limit, force=force)
+    click.echo(format_summary(summary))
+    click.echo(f"wrote {out_dir}", err=True)
+
+
+@main.command("compare")
+@click.argument("run_a", type=click.Path(path_type=Path))
+@click.argument("run_b", type=click.Path(path_type=Path))
+@click.option("--max-heldout-regression", default=1.0, show_default=True, type=click.FloatRange(min=0),
+              help="Largest allowed held-out WER increase, in absolute percentage points.")
+@click.option("--heldout", default=None, help="Held-out manifest name (default: names containing 'heldout').")
+def compare_cmd(run_a, run_b, max_heldout_regression, heldout):
+    """Compare eval run RUN_B against RUN_A; exit 0 if the verdict is PASS, 1 if FAIL."""
+    from .compare import compare_runs
+
+    report, ok = _run(compare_runs, run_a, run_b, max_heldout_regression=max_heldout_regression, heldout=heldout)
+    click.echo(report)
+    sys.exit(0 if ok else 1)
+
+
+@main.command("train")
+@click.option("--model", default=None, help="Base MLX model folder.")
+@click.option("--train", "train", default=None, type=click.Path(path_type=Path), help="Training manifest.")
+@click.option("--val", default=None, type=click.Path(path_type=Path), help="Validation manifest (loss, WER, early stop).")
+@click.option("--heldout", default=None, type=click.Path(path_type=Path),
+              help="General-speech manifest: its loss is tracked, and it is evaluated before/after.")
+@click.option("--eval-test", default=None, type=click.Path(path_type=Path),
+              help="Domain test manifest evaluated before/after for report.md.")
+@click.option("--replay", default=None, type=click.Path(path_type=Path),
+              help="General-speech manifest mixed into training (see --replay-ratio).")
+@click.option("--replay-ratio", default=None, type=click.FloatRange(0, 1, max_open=True))
+@click.option("--baseline-run", default=None, type=click.Path(path_type=Path),
+              help="Existing `eval` run of the base model to use as the baseline (same decoding options).")
+@click.option("-c", "--config", "config_file", default=None, type=click.Path(dir_okay=False, path_type=Path),
+              help="YAML with any of these options (CLI > YAML > defaults).")
+@click.option("-o", "--out", default=None, type=click.Path(file_okay=False, path_type=Path), help="Run folder.")
+@click.option("--max-steps", default=None, type=click.IntRange(min=1))
+@click.option("--lr", default=None, type=float)
+@click.option("--batch-size", default=None, type=click.IntRange(min=1))
+@click.option("--grad-accum", default=None, type=click.IntRange(min=1))
+@click.option("--warmup-steps", default=None, type=click.IntRange(min=0))
+@click.option("--schedule", default=None, type=click.Choice(["cosine", "linear", "constant"]))
+@click.option("--rank", default=None, type=click.IntRange(min=1))
+@click.option("--alpha", default=None, type=float)
+@click.option("--dropout", default=None, type=click.FloatRange(0, 1, max_open=True))
+@click.option("--targets", default=None, help="Comma list of layer names, e.g. q_proj,v_proj.")
+@click.option("--scope", default=None, help="Comma list of encoder, decoder_self, decoder_cross.")
+@click.option("--dora/--no-dora", default=None, help="DoRA instead of LoRA.")
+@click.option("--init", default=None, help="default | pissa | pissa_niter_N")
+@click.option("--seed", default=None, type=int)
+@click.option("--eval-every", default=None, type=click.IntRange(min=1))
+@click.option("--patience", default=None, type=click.IntRange(min=0), help="0: no early stopping.")
+@click.option("--max-minutes", default=None, type=click.FloatRange(min=0, min_open=True),
+              help="Stop training after this many minutes (checked every step).")
+@click.option("--dtype", default=None, type=click.Choice(["float32", "float16", "bfloat16"]))
+@click.option("--augment", default=None, help="Comma list of noise, speed, timemask (default: off).")
+@click.option("--grad-checkpoint/--no-grad-checkpoint", default=None)
+@click.option("--resume", default=None, type=click.Path(file_okay=False, path_type=Path),
+              help="Continue the run in this folder exactly where its checkpoint stopped.")
+@click.option("--fuse", is_flag=True, help="Also write RUN/fused: the base with the best adapter merged in.")
+@click.option("--skip-invalid", is_flag=True, help="Leave bad manifest rows out instead of stopping.")
+@decoding_options
+def train_cmd(config_file, resume, fuse, skip_invalid, **kwargs):
+    """Train a LoRA/DoRA adapter; write adapters, checkpoints, metrics, plots and report.md into OUT."""
+    decoding = _decoding_from_kwargs(kwargs)
+    from .train_report import run_training
+
+    kwargs = {k: (str(v) if isinstance(v, Path) else v) for k, v in kwargs.items()}
+    result = _run(run_training, kwargs, config_file=config_file, resume=resume, fuse=fuse, decoding=decoding,
+                  skip_invalid=skip_invalid, log=lambda m: click.echo(m, err=True))
+    d = result["decision"]
+    for c in d["criteria"]:
+        click.echo(f"{c['name']}: {c['value']:.4g} ({c['detail']}) needs {c['threshold']}: "
+                   f"{'PASS' if c['passed'] else 'FAIL'}")
+    click.echo(f"report: {result['report']}")
+
+
 def _parse_ratios(ctx, param, value: str) -> tuple[float, ...]:
     try:
         ratios = tuple(float(v) for v in value.replace(",", "/").split("/"))
@@ -164,6 +276,123 @@ def manifest_split_cmd(manifest_path, ratios, by, quick, seed, skip_invalid, out
     for name, path in written.items():
         n = sum(1 for line in open(path, encoding="utf-8") if line.strip())
         click.echo(f"{name:6s} {n:6d} rows  {path}")
+
+
+@main.group("export")
+def export_group():
+    """Export adapters and merged models for PyTorch users (PEFT, Hugging Face transformers)."""
+
+
+def _verify_audio_option(fn):
+    return click.option("--audio", default=None, type=click.Path(dir_okay=False, path_type=Path),
+                        help="Clip for --verify (default: 3 s of seeded noise); also compares greedy text.")(fn)
+
+
+@export_group.command("peft")
+@click.argument("source", metavar="RUN_OR_ADAPTER", type=click.Path(path_type=Path))
+@click.option("-o", "--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="PEFT adapter folder to write.")
+@click.option("--base-model-name-or-path", default=None, help="Base model Hub id or path recorded for PyTorch users.")
+@click.option("--best", is_flag=True, help="Export the run's best adapter (best/) instead of its final one.")
+@click.option("--model", "model_path", default=None,
+              help="Base MLX model folder: checks the adapter's shapes; required by --verify.")
+@click.option("--verify", is_flag=True, help="Load the export with PEFT and compare logits with MLX (needs torch).")
+@_verify_audio_option
+@click.option("--force", is_flag=True, help="Overwrite OUT if it is not empty.")
+def export_peft_cmd(source, out_dir, base_model_name_or_path, best, model_path, verify, audio, force):
+    """Write RUN_OR_ADAPTER (a training run or adapter folder) as a PEFT LoRA/DoRA adapter."""
+    if verify and model_path is None:
+        raise click.UsageError("--verify needs --model DIR (the base model the adapter was trained on)")
+    from .export.peft import export_peft
+
+    if verify:
+        from .export.verify import require_torch
+
+        _run(require_torch, need_peft=True)
+    out = _run(export_peft, source, out_dir, base_model_name_or_path, best=best, force=force, model_dir=model_path)
+    click.echo(f"wrote {out}", err=True)
+    if verify:
+        from .export.verify import verify_peft
+
+        r = _run(verify_peft, model_path, source, out, best=best, audio=audio)
+        click.echo(f"PEFT parity: max |logits diff| {r['unmerged']:.2e} unmerged, {r['merged']:.2e} "
+                   "after merge_and_unload (limit 1e-3)")
+
+
+@export_group.command("hf")
+@click.option("--model", "model_path", required=True, help="MLX model folder (or HF checkpoint / Hub id).")
+@click.option("--adapter", default=None, type=click.Path(path_type=Path), help="Training run or adapter folder to merge in.")
+@click.option("-o", "--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Hugging Face checkpoint folder to write.")
+@click.option("--verify", is_flag=True, help="Load the export with transformers and compare logits with MLX (needs torch).")
+@_verify_audio_option
+@click.option("--force", is_flag=True, help="Overwrite OUT if it is not empty.")
+def export_hf_cmd(model_path, adapter, out_dir, verify, audio, force):
+    """Write a transformers checkpoint (MoonshineForConditionalGeneration + processor files)."""
+    from .export.hf import export_hf
+
+    if verify:
+        from .export.verify import require_torch
+
+        _run(require_torch)
+    out = _run(export_hf, model_path, out_dir, adapter=adapter, force=force)
+    click.echo(f"wrote {out}", err=True)
+    if verify:
+        from .export.verify import verify_hf
+
+        r = _run(verify_hf, out, model_path, adapter, audio=audio)
+        click.echo(f"transformers parity: max |logits diff| {r['logits']:.2e} (limit 1e-3)")
+        if "mlx_text" in r:
+            click.echo(f"greedy transcript (both): {r['mlx_text']}")
+
+
+@main.group("import")
+def import_group():
+    """Import adapters trained elsewhere (PEFT) into mlx-moonshine's adapter format."""
+
+
+@import_group.command("peft")
+@click.argument("peft_dir", metavar="DIR", type=click.Path(path_type=Path))
+@click.option("-o", "--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Adapter folder to write.")
+@click.option("--model", "model_path", default=None, help="Base MLX model folder to check the adapter's shapes against.")
+@click.option("--force", is_flag=True, help="Overwrite OUT if it is not empty.")
+def import_peft_cmd(peft_dir, out_dir, model_path, force):
+    """Convert the PEFT LoRA/DoRA adapter in DIR into an mlx-moonshine adapter folder."""
+    from .export.peft import import_peft
+
+    click.echo(f"wrote {_run(import_peft, peft_dir, out_dir, force=force, model_dir=model_path)}", err=True)
+
+
+@main.command("fuse")
+@click.option("--model", "model_path", required=True, help="Base MLX model folder (or HF checkpoint / Hub id).")
+@click.option("--adapter", required=True, type=click.Path(path_type=Path), help="Training run or adapter folder.")
+@click.option("-o", "--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="MLX model folder to write.")
+@click.option("--force", is_flag=True, help="Overwrite OUT if it is not empty.")
+def fuse_cmd(model_path, adapter, out_dir, force):
+    """Merge an adapter into the base weights: an MLX model folder that needs no adapter."""
+    from .export.hf import fuse
+
+    click.echo(f"wrote {_run(fuse, model_path, adapter, out_dir, force=force)}", err=True)
+
+
+@main.command()
+@click.option("-o", "--out", "out_dir", default="runs/quickstart", show_default=True,
+              type=click.Path(file_okay=False, path_type=Path), help="Everything goes here; re-running reuses it.")
+@click.option("--minutes", default=12.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
+              help="Training time budget (the whole quickstart takes ~8 minutes more).")
+@click.option("--steps", default=300, show_default=True, type=click.IntRange(min=1), help="Planned training steps.")
+@click.option("--data", "data_dir", default=None, type=click.Path(file_okay=False, path_type=Path),
+              help="A folder laid out like examples/atc (default: the bundled example).")
+@click.option("--model", "model_source", default=None,
+              help="Any `convert` SOURCE (default: the Hub's moonshine-tiny, else moonshine-cpp:base-en).")
+def quickstart(out_dir, minutes, steps, data_dir, model_source):
+    """The main job end to end on the bundled ATC example: baseline, LoRA, tuned eval, compare, report, PEFT."""
+    from .quickstart import quickstart as _quickstart
+
+    _run(_quickstart, out_dir, minutes=minutes, steps=steps, data_dir=data_dir, model_source=model_source,
+         log=lambda m: click.echo(m))
 
 
 def _cmd_main():  # pragma: no cover - entry point used by `python -m mlx_moonshine`

@@ -1,0 +1,142 @@
+"""The main job end to end on the bundled ATC example: model, baseline, LoRA, tuned eval, compare, report, export.
+
+Every stage writes into its own folder of OUT and is skipped when already finished, so re-running
+continues where it stopped (an interrupted training run resumes from its last checkpoint).
+
+    OUT/model        the converted model (Hub moonshine-tiny when reachable, else moonshine-cpp base)
+    OUT/baseline     eval of the model on the example's domain test + heldout manifests
+    OUT/lora         the training run: adapters, curves (loss.png, wer.png), report.md, eval/tuned
+    OUT/compare.txt  per-sample comparison, baseline vs tuned, with the heldout guardrail verdict
+    OUT/peft         the adapter in PEFT format (PeftModel.from_pretrained)
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+from .errors import MoonshineError
+from .io import atomic_write_text
+
+HUB_MODEL = "UsefulSensors/moonshine-tiny"
+PYPI_MODEL = "moonshine-cpp:base-en"
+EXAMPLE = ("domain_train", "domain_val", "domain_test", "heldout_manifest")
+
+
+class QuickstartError(MoonshineError):
+    """The quickstart cannot run (no example data, no model source)."""
+
+
+def find_example(data_dir: Optional[str | Path] = None) -> Path:
+    """The bundled example folder (examples/atc in a source checkout) or `data_dir`."""
+    candidates = [Path(data_dir)] if data_dir else [Path(__file__).resolve().parents[1] / "examples" / "atc",
+                                                    Path.cwd() / "examples" / "atc"]
+    for folder in candidates:
+        if all((folder / f"{name}.jsonl").is_file() for name in EXAMPLE):
+            return folder
+    raise QuickstartError(
+        f"bundled example not found (looked in {', '.join(str(c) for c in candidates)}); run from a source "
+        f"checkout, pass --data DIR with {', '.join(n + '.jsonl' for n in EXAMPLE)}, or regenerate it with "
+        "python examples/atc/make_data.py")
+
+
+def get_model(out: Path, source: Optional[str], log: Callable[[str], None]) -> tuple[Path, str]:
+    """Convert the model once; returns (folder, source used)."""
+    from .loading import convert
+
+    folder = out / "model"
+    record = folder / "conversion.json"
+    if record.is_file():
+        used = json.loads(record.read_text()).get("source", "?")
+        log(f"[1/6] model: reusing {folder} ({used})")
+        return folder, used
+    tried = [source] if source else [HUB_MODEL, PYPI_MODEL]
+    errors = []
+    for src in tried:
+        try:
+            log(f"[1/6] model: converting {src} ...")
+            convert(src, folder, force=True, log=lambda m: None)
+            log(f"[1/6] model: {src} -> {folder}")
+            return folder, src
+        except MoonshineError as e:
+            errors.append(f"{src}: {e}")
+            log(f"      {src} is not available here ({str(e).splitlines()[0][:120]})")
+    raise QuickstartError("no model could be converted: " + " | ".join(errors))
+
+
+def quickstart(out_dir: str | Path = "runs/quickstart", minutes: float = 12.0, steps: int = 300,
+               data_dir: Optional[str | Path] = None, model_source: Optional[str] = None,
+               log: Callable[[str], None] = print) -> dict:
+    """Run (or finish) the whole main job; returns the summary printed at the end.
+
+    Args:
+        out_dir: where every stage writes (re-running reuses finished stages).
+        minutes: wall-clock budget for the training stage (it stops early when the budget is spent).
+        steps: optimizer steps planned for training (the lr schedule spans them).
+        data_dir: a folder laid out like examples/atc (default: the bundled example).
+        model_source: anything `convert` accepts; default: the Hub's moonshine-tiny, else moonshine-cpp base.
+    """
+    from .compare import compare_runs
+    from .decoding import DecodingOptions
+    from .evaluate import evaluate
+    from .export.peft import export_peft
+    from .loading import load
+    from .train_report import run_training
+
+    t0 = time.perf_counter()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    data = find_example(data_dir)
+    manifest = {name: data / f"{name}.jsonl" for name in EXAMPLE}
+    model_dir, source = get_model(out, model_source, log)
+    options = DecodingOptions()
+
+    log("[2/6] baseline eval (domain test + heldout) ...")
+    model, processor = load(model_dir)
+    evaluate(model, processor, [manifest["domain_test"], manifest["heldout_manifest"]], out / "baseline",
+             options=options, model_path=model_dir, progress=True)
+    del model
+
+    run = out / "lora"
+    finished = (run / "report.md").is_file() and (run / "eval" / "tuned" / "summary.json").is_file()
+    if finished:
+        log(f"[3/6] training: reusing finished run {run}")
+    else:
+        log(f"[3/6] training LoRA (r=8 on q/v, {steps} steps, at most {minutes:g} min) ...")
+        cli = dict(model=str(model_dir), train=str(manifest["domain_train"]), val=str(manifest["domain_val"]),
+                   heldout=str(manifest["heldout_manifest"]), eval_test=str(manifest["domain_test"]),
+                   out=str(run), baseline_run=str(out / "baseline"), max_steps=steps, max_minutes=minutes,
+                   eval_every=100, val_wer_samples=20)
+        resume = run if (run / "checkpoint").exists() else None
+        run_training(cli, resume=resume, decoding=options, log=log)
+
+    log("[4/6] compare baseline vs tuned ...")
+    report, ok = compare_runs(out / "baseline", run / "eval" / "tuned")
+    atomic_write_text(out / "compare.txt", report + "\n")
+
+    log("[5/6] export PEFT adapter ...")
+    peft_dir = export_peft(run, out / "peft", base_model_name_or_path=source if "/" in source else None,
+                           force=True)
+
+    base = json.loads((out / "baseline" / "summary.json").read_text())["manifests"]
+    tuned = json.loads((run / "eval" / "tuned" / "summary.json").read_text())["manifests"]
+    rows = []
+    for name in ("domain_test", "heldout_manifest"):
+        b, t = base[name]["wer"], tuned[name]["wer"]
+        rows.append((name, b, t, (t - b) / b if b else 0.0, 100 * (t - b)))
+    summary = {"model": source, "rows": rows, "verdict_ok": ok, "seconds": time.perf_counter() - t0,
+               "artefacts": {"model": str(model_dir), "baseline": str(out / "baseline"), "run": str(run),
+                             "report": str(run / "report.md"), "curves": [str(run / "loss.png"), str(run / "wer.png")],
+                             "compare": str(out / "compare.txt"), "peft": str(peft_dir)}}
+    log("[6/6] done\n")
+    log(f"{'set':18s} {'baseline WER':>13s} {'tuned WER':>10s} {'relative':>9s} {'abs pts':>8s}")
+    for name, b, t, rel, pts in rows:
+        log(f"{name:18s} {b:13.2%} {t:10.2%} {rel:+9.1%} {pts:+8.2f}")
+    log(f"\nguardrail: {report.strip().splitlines()[-1]}")
+    log("\nartefacts:")
+    for key, value in summary["artefacts"].items():
+        log(f"  {key:9s} {', '.join(value) if isinstance(value, list) else value}")
+    log(f"\ntotal {summary['seconds'] / 60:.1f} min")
+    return summary
