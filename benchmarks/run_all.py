@@ -1,0 +1,111 @@
+"""All benchmarks in one command; writes benchmarks/RESULTS.md (the table the README shows).
+
+    python benchmarks/run_all.py --model BASE_MLX_DIR --hf BASE_HF_DIR [--repeats 3] [--steps 20]
+
+1. transcription: mlx-moonshine vs transformers vs onnxruntime vs mlx-audio (bench_transcribe.py)
+2. batched eval throughput: `evaluate` at batch 1 and batch 8 on the bundled ATC domain test manifest
+3. training step time and peak memory: mlx-moonshine vs PyTorch + PEFT (bench_train.py)
+
+Every ratio is measured side by side in this one run, on this machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+EXAMPLE = HERE.parent / "examples" / "atc"
+
+
+def run_json(script: str, args: list[str], out: Path) -> dict:
+    subprocess.run([sys.executable, str(HERE / script), *args, "--out", str(out)], check=True)
+    return json.loads(out.read_text())
+
+
+def eval_throughput(model: str, manifest: Path, limit: int) -> dict:
+    import mlx_moonshine  # noqa: F401
+    from mlx_moonshine.decoding import DecodingOptions
+    from mlx_moonshine.evaluate import evaluate
+    from mlx_moonshine.loading import load
+
+    model_, processor = load(model)
+    res = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for bs in (1, 8):
+            t = time.perf_counter()
+            summary = evaluate(model_, processor, [manifest], Path(tmp) / f"b{bs}", options=DecodingOptions(),
+                               batch_size=bs, limit=limit, progress=False)
+            secs = time.perf_counter() - t
+            m = next(iter(summary["manifests"].values()))
+            res[bs] = {"seconds": secs, "audio_s": m["hours"] * 3600, "wer": m["wer"], "n": m["n"]}
+            res[bs]["hyps"] = [json.loads(line)["hyp"] for line in
+                               (Path(tmp) / f"b{bs}" / "predictions.jsonl").read_text().splitlines()]
+    return res
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--hf", required=True)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--eval-rows", type=int, default=40)
+    ap.add_argument("--out", default=str(HERE / "RESULTS.md"))
+    args = ap.parse_args()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tr = run_json("bench_transcribe.py", ["--model", args.model, "--hf", args.hf, "--repeats",
+                                              str(args.repeats)], Path(tmp) / "tr.json")
+        ev = eval_throughput(args.model, EXAMPLE / "domain_test.jsonl", args.eval_rows)
+        bt = run_json("bench_train.py", ["--model", args.model, "--hf", args.hf, "--steps", str(args.steps),
+                                         "--manifest", str(EXAMPLE / "domain_train.jsonl")], Path(tmp) / "bt.json")
+
+    lines = [f"# Benchmarks\n",
+             f"{tr['machine']}; MLX BLAS: {tr['blas']}; {time.strftime('%Y-%m-%d')}; "
+             f"`python benchmarks/run_all.py --model BASE_MLX --hf BASE_HF --repeats {args.repeats} "
+             f"--steps {args.steps}` (Moonshine base, fp32).\n",
+             "## Transcription (greedy, same samples and token budget, one pass per clip; median of "
+             f"{tr['repeats']})\n",
+             "| clip | engine | seconds | RTF | time vs mlx-moonshine |", "|---|---|---|---|---|"]
+    for clip, row in tr["clips"].items():
+        base = row["engines"]["mlx-moonshine"]["s"]
+        for name, r in row["engines"].items():
+            lines.append(f"| {clip} ({row['seconds']:.1f} s) | {name} | {r['s']:.3f} | {r['rtf']:.3f} | "
+                         f"{r['s'] / base:.2f}x |")
+    lines.append("")
+    for clip, row in tr["clips"].items():
+        p = row["profile"]
+        lines.append(f"- {clip}: mlx-moonshine encoder {p['encoder_s']:.3f} s, decoder {p['decoder_s']:.3f} s for "
+                     f"{p['tokens']} steps ({p['decoder_ms_per_token']:.1f} ms/token)")
+    for note in tr.get("notes", []):
+        lines.append(f"- note: {note}")
+    b1, b8 = ev[1], ev[8]
+    same = b1["hyps"] == b8["hyps"]
+    lines += ["", f"## Batched eval (bundled ATC domain test, first {b1['n']} rows)\n",
+              "| batch | seconds | audio seconds per second | WER |", "|---|---|---|---|",
+              f"| 1 | {b1['seconds']:.1f} | {b1['audio_s'] / b1['seconds']:.2f} | {b1['wer']:.4f} |",
+              f"| 8 | {b8['seconds']:.1f} | {b8['audio_s'] / b8['seconds']:.2f} | {b8['wer']:.4f} |",
+              "", f"Batch 8 throughput: {b1['seconds'] / b8['seconds']:.2f}x batch 1; identical transcripts: {same}.",
+              "", f"## Training step (batch {bt['batch']}, LoRA r={bt['rank']} on q/v, fp32, median of "
+              f"{bt['steps'] - bt['warmup']} steps)\n",
+              "| configuration | engine | s/step | peak RSS GB |", "|---|---|---|---|"]
+    for name, row in bt["configs"].items():
+        for engine, label in (("mlx", "mlx-moonshine"), ("torch", "PyTorch+PEFT")):
+            r = row[engine]
+            lines.append(f"| {name} | {label} | " + (f"error: {r['error']} | |" if "error" in r else
+                                                      f"{r['step_s']:.3f} | {r['peak_rss_gb']:.2f} |"))
+    text = "\n".join(lines) + "\n"
+    Path(args.out).write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
