@@ -18,6 +18,7 @@ _ENABLED = os.environ.get("MLX_MOONSHINE_EXACT_OPS", "") in ("", "0")
 # Abramowitz & Stegun 7.1.28: erf(x) = 1 - (1 + a1 x + ... + a6 x^6)^-16 for x >= 0, |error| <= 3e-7.
 _ERF_A = (0.0705230784, 0.0422820123, 0.0092705272, 0.0001520143, 0.0002765672, 0.0000430638)
 _SQRT1_2 = 0.7071067811865476
+_INV_SQRT_2PI = 0.3989422804014327
 _LOG2E = 1.4426950408889634
 # ln 2 split in two so that n * LN2_HI is exact in float32 (Cody-Waite range reduction).
 _LN2_HI, _LN2_LO = 0.693145751953125, 1.428606765330187e-06
@@ -62,6 +63,55 @@ def _tanh(x: mx.array) -> mx.array:
     return (1 - 2 / (_exp(2 * x.astype(mx.float32)) + 1)).astype(x.dtype)
 
 
-gelu = mx.compile(_gelu)
-tanh = mx.compile(_tanh)
-softmax = mx.compile(_softmax)
+def _gelu_grad(x: mx.array, dy: mx.array) -> mx.array:
+    """d/dx [x * Phi(x)] = Phi(x) + x * phi(x)."""
+    xf = x.astype(mx.float32)
+    cdf = 0.5 * (1 + _erf(xf * _SQRT1_2))
+    pdf = _exp(-0.5 * xf * xf) * _INV_SQRT_2PI
+    return (dy * (cdf + xf * pdf)).astype(x.dtype)
+
+
+def _softmax_grad(y: mx.array, dy: mx.array) -> mx.array:
+    return y * (dy - mx.sum(dy * y, axis=-1, keepdims=True))
+
+
+def _tanh_grad(y: mx.array, dy: mx.array) -> mx.array:
+    return dy * (1 - y * y)
+
+
+# Each op gets its closed-form gradient: left to autodiff, the backward pass would keep every
+# intermediate of the polynomials alive (~20 arrays the size of the attention scores per layer).
+_gelu_c, _gelu_grad_c = mx.compile(_gelu), mx.compile(_gelu_grad)
+_softmax_c, _softmax_grad_c = mx.compile(_softmax), mx.compile(_softmax_grad)
+_tanh_c, _tanh_grad_c = mx.compile(_tanh), mx.compile(_tanh_grad)
+
+
+@mx.custom_function
+def gelu(x: mx.array) -> mx.array:
+    return _gelu_c(x)
+
+
+@gelu.vjp
+def _gelu_vjp(primals, cotangent, output):
+    x = primals[0] if isinstance(primals, (list, tuple)) else primals  # a lone input comes bare
+    return (_gelu_grad_c(x, cotangent),)
+
+
+@mx.custom_function
+def softmax(x: mx.array) -> mx.array:
+    return _softmax_c(x)
+
+
+@softmax.vjp
+def _softmax_vjp(primals, cotangent, output):
+    return (_softmax_grad_c(output, cotangent),)
+
+
+@mx.custom_function
+def tanh(x: mx.array) -> mx.array:
+    return _tanh_c(x)
+
+
+@tanh.vjp
+def _tanh_vjp(primals, cotangent, output):
+    return (_tanh_grad_c(output, cotangent),)
