@@ -18,24 +18,26 @@ END = "<!-- cli-reference:end -->"
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
-def _commands(group: click.Group, prefix: str):
-    ctx = click.Context(group, info_name=prefix)
+def _commands(ctx: click.Context, path: str):
+    """(path, context) of every leaf command; contexts chain to the root so settings inherit."""
+    group = ctx.command
     for name in sorted(group.list_commands(ctx)):
         cmd = group.get_command(ctx, name)
-        path = f"{prefix} {name}"
+        sub = click.Context(cmd, info_name=name, parent=ctx)
         if isinstance(cmd, click.Group):
-            yield from _commands(cmd, path)
+            yield from _commands(sub, f"{path} {name}")
         else:
-            yield path, cmd
+            yield f"{path} {name}", sub
 
 
 def reference() -> str:
     from mlx_moonshine.cli import main
 
+    root = click.Context(main, info_name="mlx-moonshine", terminal_width=100, max_content_width=100,
+                         **main.context_settings)
     parts = []
-    for path, cmd in _commands(main, "mlx-moonshine"):
-        ctx = click.Context(cmd, info_name=path, terminal_width=100, max_content_width=100)
-        parts.append(f"### `{path}`\n\n```\n{cmd.get_help(ctx).strip()}\n```\n")
+    for path, ctx in _commands(root, "mlx-moonshine"):
+        parts.append(f"### `{path}`\n\n```\n{ctx.command.get_help(ctx).strip()}\n```\n")
     return "\n".join(parts)
 
 
