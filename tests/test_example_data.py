@@ -60,3 +60,40 @@ def test_heldout_is_general_english():
 def test_total_size_is_commit_sized():
     total = sum(p.stat().st_size for p in ATC.rglob("*") if p.is_file())
     assert total <= MAX_BYTES, f"examples/atc is {total / 2**20:.1f} MiB; regenerate with a lower --kbps"
+
+
+REPLAY = ATC / "general_replay.jsonl"
+SHARED_HELDOUT = Path(__file__).resolve().parents[2] / "shared" / "data" / "atc" / "heldout_manifest.jsonl"
+needs_replay = pytest.mark.skipif(not REPLAY.is_file(), reason="no replay set (make_data.py --replay-only)")
+
+
+def _norm(text: str) -> str:
+    # case, punctuation, apostrophes and hyphens do not make a sentence new
+    return " ".join("".join(c for c in text.lower().replace("-", "") if c.isalnum() or c.isspace()).split())
+
+
+@needs_replay
+def test_replay_manifest_loads_and_is_clean_general_speech():
+    m = load_manifest(REPLAY)
+    rows = _rows(REPLAY.name)
+    assert len(m) == len(rows) > 0 and not m.skipped
+    assert all(r["domain"] == "general" and r["split"] == "replay" and "snr_db" not in r for r in rows)
+    assert all(r["audio"].startswith("audio/replay/") for r in rows)
+    # several voices per sentence, but never a heldout voice
+    assert len(rows) > len({r["text"] for r in rows})
+    assert not {r["speaker"] for r in rows} & {r["speaker"] for r in _rows("heldout_manifest.jsonl")}
+
+
+@needs_replay
+@pytest.mark.parametrize("heldout", [ATC / "heldout_manifest.jsonl", SHARED_HELDOUT], ids=["bundled", "shared"])
+def test_replay_text_never_appears_in_heldout(heldout):
+    if not heldout.is_file():
+        pytest.skip(f"{heldout} not found")
+    held = [_norm(json.loads(line)["text"]) for line in heldout.read_text().splitlines() if line.strip()]
+    replay = {_norm(r["text"]) for r in _rows(REPLAY.name)}
+    assert not replay & set(held), sorted(replay & set(held))[:5]
+    # near-copies leak too: make_data.py drops replay lines with >= 60% word overlap with a heldout sentence
+    for r in replay:
+        a = set(r.split())
+        worst = max(held, key=lambda h: len(a & set(h.split())) / len(a | set(h.split())))
+        assert len(a & set(worst.split())) < 0.6 * len(a | set(worst.split())), (r, worst)

@@ -11,12 +11,18 @@ Output, all under --out (default: this script's folder); manifest "audio" paths 
   audio/domain/{train,val,test}/<id>.ogg   audio/heldout/<id>.ogg
   domain_train.jsonl  domain_val.jsonl  domain_test.jsonl  domain_quick.jsonl  heldout_manifest.jsonl
   stats.json
+  audio/replay/<id>.ogg  general_replay.jsonl  replay_stats.json       (only with --replay / --replay-only)
 
 Train/val/test use disjoint espeak-ng accents ("speaker_group"), so no voice is shared between splits,
 and no transcript appears twice in the domain set. The quick subset is drawn from train.
 
   python examples/atc/make_data.py --seed 0                  # the bundled set
   python examples/atc/make_data.py --out /tmp/atc_big --n-train 2000 --n-val 200 --n-test 200
+  python examples/atc/make_data.py --seed 0 --replay-only    # add the replay set, touch nothing else
+
+The replay set (clean general English from replay_sentences.txt, mixed into training with
+`mlx-moonshine train --replay`) uses its own random streams and espeak-ng variants that the heldout set
+never uses, so adding it changes no other file.
 
 Needs the espeak-ng binary (apt-get install espeak-ng), numpy, scipy and soundfile (libsndfile >= 1.1
 for Opus). Audio samples are identical for a given seed and espeak-ng version, whatever --jobs is.
@@ -57,6 +63,10 @@ ACCENT_SPLIT = {
     "en-gb-scotland": "test", "en-029": "test",
 }
 VARIANTS = ["m1", "m2", "m3", "m4", "m5", "m6", "m7", "f1", "f2", "f3", "f4", "f5"]
+# Replay voices: the same accents (espeak-ng has no other usable English ones) with timbre variants that
+# no heldout/domain voice uses, so replay speakers never coincide with heldout speakers.
+REPLAY_VARIANTS = ["m8", "adam", "anika", "benjamin", "david", "edward", "linda", "max", "paul", "robert",
+                   "steph", "john"]
 ESPEAK_WPM = 175  # espeak-ng's default speaking rate; --rate-* factors scale it
 
 # Channel difficulty (ranges sampled uniformly per utterance). "medium" is the shared set's default.
@@ -74,6 +84,8 @@ RADIO_PROFILES = {
 }
 OUTPUT_NAMES = [f"domain_{sp}.jsonl" for sp in SPLITS] + ["domain_quick.jsonl", "heldout_manifest.jsonl",
                                                            "stats.json"]
+REPLAY_NAMES = ["general_replay.jsonl", "replay_stats.json"]
+REPLAY_MAX_OVERLAP = 0.6  # word Jaccard with any heldout sentence at or above which a replay line is dropped
 
 
 def stable_seed(*parts) -> int:
@@ -87,6 +99,18 @@ def stable_seed(*parts) -> int:
 def all_voices() -> list[dict]:
     return [dict(id=f"espeak-{acc}+{var}", spec=f"{acc}+{var}", group=f"espeak-{acc}", split=sp)
             for acc, sp in ACCENT_SPLIT.items() for var in VARIANTS]
+
+
+def replay_voices() -> list[dict]:
+    return [dict(id=f"espeak-{acc}+{var}", spec=f"{acc}+{var}", group=f"espeak-{acc}", split="replay")
+            for acc in ACCENT_SPLIT for var in REPLAY_VARIANTS]
+
+
+def replay_sentences() -> list[str]:
+    """replay_sentences.txt without comments and blank lines, deduplicated, in file order."""
+    path = Path(__file__).with_name("replay_sentences.txt")
+    lines = [s.strip() for s in path.read_text().splitlines()]
+    return list(dict.fromkeys(s for s in lines if s and not s.startswith("#")))
 
 
 def synth(voice: dict, text: str, rate: float, pitch: float) -> np.ndarray:
@@ -362,6 +386,34 @@ def make_jobs(args, pools: dict[str, list[dict]], voices: list[dict]) -> tuple[l
     return jobs, waypoints
 
 
+def make_replay_jobs(args, voices: list[dict]) -> list[dict]:
+    """args.replay_voices utterances per replay sentence, each by a different accent; own seed stream."""
+    ext = "ogg" if args.format == "opus" else args.format
+    # heldout_sentences.txt is a superset of every heldout manifest (bundled and shared), so checking it
+    # alone keeps heldout text out of training; near-copies count too (>= 60% word overlap)
+    held = [set(text_norm(s).split()) for s in heldout_sentences()]
+    rr = random.Random(stable_seed(args.seed, "replay"))
+    by_group: dict[str, list[dict]] = {}
+    for v in voices:
+        by_group.setdefault(v["group"], []).append(v)
+    jobs = []
+    for k, s in enumerate(replay_sentences()):
+        words = set(text_norm(s).split())
+        if any(len(words & h) >= REPLAY_MAX_OVERLAP * len(words | h) for h in held):
+            print(f"[warn] replay sentence skipped, (near-)copy of a heldout sentence: {s!r}", file=sys.stderr)
+            continue
+        for g in rr.sample(sorted(by_group), min(args.replay_voices, len(by_group))):
+            pool = by_group[g]
+            v = rr.choice(pool)
+            uid = f"gen_replay_{len(jobs):05d}"
+            jobs.append(dict(id=uid, split="replay", domain="general", text=text_norm(s), tts_text=s,
+                             voice_chain=[v] + [x for x in rr.sample(pool, min(3, len(pool))) if x is not v][:2],
+                             rate=rr.uniform(*args.rate_heldout), pitch=rr.uniform(0.92, 1.08),
+                             rng_seed=stable_seed(args.seed, uid), audio=f"audio/replay/{uid}.{ext}",
+                             out=args.out, format=args.format, kbps=args.kbps, sentence=k))
+    return jobs
+
+
 def quick_subset(train: list[dict], n: int, seed: int) -> list[dict]:
     """n train rows covering as many voice groups as possible, then random others."""
     rows = sorted(train, key=lambda r: r["id"])
@@ -394,11 +446,63 @@ def parse_args(argv=None):
     ap.add_argument("--rate-domain", type=float, nargs=2, default=[1.0, 1.35], help="speaking-rate factors, ATC")
     ap.add_argument("--rate-heldout", type=float, nargs=2, default=[0.9, 1.1], help="speaking-rate factors, heldout")
     ap.add_argument("--overwrite", action="store_true", help="delete OUT/audio and the manifests first")
+    ap.add_argument("--replay", action="store_true",
+                    help="also write the clean general-English replay set (general_replay.jsonl, audio/replay/)")
+    ap.add_argument("--replay-only", action="store_true",
+                    help="write only the replay set; every other file is left as it is")
+    ap.add_argument("--replay-voices", type=int, default=2, help="utterances (accents) per replay sentence")
     return ap.parse_args(argv)
+
+
+def run_jobs(jobs: list[dict], n_workers: int) -> tuple[list[dict], list[str]]:
+    recs, errors = [], []
+    t1 = time.time()
+    with ProcessPoolExecutor(max_workers=max(1, n_workers)) as ex:
+        for k, rec in enumerate(ex.map(_job, jobs, chunksize=4)):
+            (errors if "error" in rec else recs).append(rec)
+            if (k + 1) % 50 == 0:
+                print(f"[synth] {k + 1}/{len(jobs)}  {time.time() - t1:.0f}s", flush=True)
+    return recs, errors
+
+
+def write_replay(args, argv) -> int:
+    """Synthesize the replay set into OUT/audio/replay + general_replay.jsonl + replay_stats.json."""
+    t0 = time.time()
+    voices = probe_voices(replay_voices())
+    if not voices:
+        sys.exit("no usable espeak-ng replay voice")
+    out = Path(args.out)
+    if args.overwrite:
+        shutil.rmtree(out / "audio" / "replay", ignore_errors=True)
+        for name in REPLAY_NAMES:
+            (out / name).unlink(missing_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    jobs = make_replay_jobs(args, voices)
+    recs, errors = run_jobs(jobs, args.jobs)
+    atomic_write_text(str(out / "general_replay.jsonl"),
+                      "".join(json.dumps(r) + "\n" for r in sorted(recs, key=lambda r: r["id"])))
+    stats = dict(
+        command="python examples/atc/make_data.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        seed=args.seed, format=args.format, kbps=args.kbps if args.format == "opus" else None,
+        n_sentences=len({j["sentence"] for j in jobs}), n_sentences_file=len(replay_sentences()),
+        voices_per_sentence=args.replay_voices,
+        n_requested=len(jobs), n_written=len(recs), n_errors=len(errors), errors=errors[:20],
+        hours=round(sum(r["duration"] for r in recs) / 3600, 4),
+        speaker_groups=sorted({r["speaker_group"] for r in recs}), n_speakers=len({r["speaker"] for r in recs}),
+        espeak_ng=subprocess.run(["espeak-ng", "--version"], capture_output=True, text=True).stdout.strip(),
+    )
+    atomic_write_text(str(out / "replay_stats.json"), json.dumps(stats, indent=1) + "\n")
+    print(f"[replay] {len(recs)} utterances ({stats['hours'] * 60:.1f} min of audio) in {time.time() - t0:.0f}s; "
+          f"errors={len(errors)}", flush=True)
+    for e in errors[:10]:
+        print("  [error]", e, file=sys.stderr)
+    return 1 if errors else 0
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.replay_only:
+        return write_replay(args, argv)
     t0 = time.time()
     voices = probe_voices(all_voices())
     pools = {sp: [v for v in voices if v["split"] == sp] for sp in SPLITS}
@@ -407,19 +511,14 @@ def main(argv=None) -> int:
     print(f"[voices] {len(voices)} usable; " + ", ".join(f"{s}: {len(p)}" for s, p in pools.items()), flush=True)
     out = Path(args.out)
     if args.overwrite:
-        shutil.rmtree(out / "audio", ignore_errors=True)
+        for sub in ("domain", "heldout"):  # audio/replay belongs to --replay(-only)
+            shutil.rmtree(out / "audio" / sub, ignore_errors=True)
         for name in OUTPUT_NAMES:
             (out / name).unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
     jobs, waypoints = make_jobs(args, pools, voices)
 
-    recs, errors = [], []
-    t1 = time.time()
-    with ProcessPoolExecutor(max_workers=max(1, args.jobs)) as ex:
-        for k, rec in enumerate(ex.map(_job, jobs, chunksize=4)):
-            (errors if "error" in rec else recs).append(rec)
-            if (k + 1) % 50 == 0:
-                print(f"[synth] {k + 1}/{len(jobs)}  {time.time() - t1:.0f}s", flush=True)
+    recs, errors = run_jobs(jobs, args.jobs)
     by_split: dict[str, list] = {}
     for r in recs:
         by_split.setdefault(r["split"], []).append(r)
@@ -452,7 +551,10 @@ def main(argv=None) -> int:
           f"errors={len(errors)}; counts={stats['counts']}", flush=True)
     for e in errors[:10]:
         print("  [error]", e, file=sys.stderr)
-    return 1 if errors else 0
+    rc = 1 if errors else 0
+    if args.replay:
+        rc = max(rc, write_replay(args, argv))
+    return rc
 
 
 if __name__ == "__main__":
