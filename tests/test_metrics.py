@@ -6,7 +6,7 @@ import pytest
 
 from mlx_moonshine.metrics import TextNormalizer, corpus_scores, normalize_text, score
 
-# Outputs of norm() in shared/tools/eval_moonshine_wer.py, hard-coded so this runs without /work/shared.
+# Outputs of norm() in ../shared/tools/eval_moonshine_wer.py, hard-coded so this runs without the shared folder.
 BASELINE_NORM = [
     ("Delta 2-7-5, climb FL350!", "delta 275 climb fl350"),
     ("  It's  O'Clock...\tnow ", "its oclock now"),
