@@ -54,7 +54,9 @@ class DecoderCache:
 
     def __init__(self, n_layers: int, cross_kv: list, cross_mask: Optional[mx.array]):
         self.self_attn = [KVCache() for _ in range(n_layers)]
-        self.cross_kv = cross_kv  # per layer (k, v): (B, kv_heads, T_audio, head_dim)
+        # per layer (k, v): (B, kv_heads, T_audio, head_dim), made contiguous once here: the per-token
+        # attention would otherwise re-gather the strided head views of every layer at every step.
+        self.cross_kv = [(mx.contiguous(k), mx.contiguous(v)) for k, v in cross_kv]
         self.cross_mask = cross_mask  # (B, 1, 1, T_audio) additive, or None
         self.offset = 0  # tokens decoded so far
 

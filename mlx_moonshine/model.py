@@ -412,10 +412,7 @@ class Model(nn.Module):
     def new_cache(self, memory: mx.array, memory_valid: Optional[mx.array] = None) -> DecoderCache:
         """A decoding cache holding this utterance's cross-attention K/V (computed here, once)."""
         mask = None if memory_valid is None else attention_mask(memory_valid, memory.dtype)
-        # Contiguous once here: the per-token attention would otherwise re-gather the strided
-        # (B, heads, T, head_dim) views of every layer at every step.
-        cross_kv = [(mx.contiguous(k), mx.contiguous(v)) for k, v in self.model.decoder.cross_kv(memory)]
-        return DecoderCache(len(self.model.decoder.layers), cross_kv, mask)
+        return DecoderCache(len(self.model.decoder.layers), self.model.decoder.cross_kv(memory), mask)
 
     def decode(self, tokens: mx.array, memory: Optional[mx.array] = None,
                memory_valid: Optional[mx.array] = None, cache: Optional[DecoderCache] = None):
