@@ -178,8 +178,10 @@ def compare_cmd(run_a, run_b, max_heldout_regression, heldout):
 @click.option("--eval-test", default=None, type=click.Path(path_type=Path),
               help="Domain test manifest evaluated before/after for report.md.")
 @click.option("--replay", default=None, type=click.Path(path_type=Path),
-              help="General-speech manifest mixed into training (see --replay-ratio).")
-@click.option("--replay-ratio", default=None, type=click.FloatRange(0, 1, max_open=True))
+              help="General-speech manifest mixed into every batch (default: the bundled general-English set, "
+                   "270 clips; 'none' turns replay off).")
+@click.option("--replay-ratio", default=None, type=click.FloatRange(0, 1, max_open=True),
+              help="Share of training rows drawn from the replay set (default 0.3; 0: off).")
 @click.option("--baseline-run", default=None, type=click.Path(path_type=Path),
               help="Existing `eval` run of the base model to use as the baseline (same decoding options).")
 @click.option("-c", "--config", "config_file", default=None, type=click.Path(dir_okay=False, path_type=Path),

@@ -22,6 +22,29 @@ _INV_SQRT_2PI = 0.3989422804014327
 _LOG2E = 1.4426950408889634
 # ln 2 split in two so that n * LN2_HI is exact in float32 (Cody-Waite range reduction).
 _LN2_HI, _LN2_LO = 0.693145751953125, 1.428606765330187e-06
+_ROUND, _ROUND_BITS = 12582912.0, 0x4B400000  # 1.5 * 2^23 and its float32 bit pattern
+
+
+_CACHE_ENV = "MLX_MOONSHINE_CPU_CACHE_MB"
+_CACHE_MB = 1024
+
+
+def configure_cpu_cache() -> None:
+    """Let MLX's CPU allocator keep up to 1 GiB of freed buffers (MLX_MOONSHINE_CPU_CACHE_MB to change).
+
+    With the CPU backend's 32 MiB default, every large temporary goes back to the OS and the next one
+    page-faults fresh memory: after a decoding loop the 10 s encoder pass ran 1.7x slower (~0.8 s vs 0.45 s)
+    and training spent a third of its time in the kernel. Never lowers a limit someone else has set.
+    """
+    if mx.default_device().type != mx.DeviceType.cpu:
+        return
+    try:
+        want = int(float(os.environ.get(_CACHE_ENV, _CACHE_MB)) * 2**20)
+    except ValueError:
+        return
+    previous = mx.set_cache_limit(want)
+    if previous > want:
+        mx.set_cache_limit(previous)
 
 
 def use_fast_cpu_ops() -> bool:
@@ -45,12 +68,18 @@ def _gelu(x: mx.array) -> mx.array:
 
 
 def _exp(x: mx.array) -> mx.array:
-    """exp(x) = 2^n * exp(f), |f| <= ln2/2, exp(f) by its Taylor series (relative error < 1e-7)."""
+    """exp(x) = 2^n * exp(f), |f| <= ln2/2, exp(f) by its Taylor series (relative error < 1e-7).
+
+    n = round(x / ln 2) by the 1.5 * 2^23 trick: adding it leaves n in the low mantissa bits (floor()
+    would be a libm call per value in MLX's CPU kernels), and those bits shifted into the exponent
+    field give 2^n without a pow.
+    """
     x = mx.clip(x.astype(mx.float32), -87.0, 88.0)
-    n = mx.stop_gradient(mx.floor(x * _LOG2E + 0.5))
+    t = mx.stop_gradient(x * _LOG2E + _ROUND)
+    n = t - _ROUND
     f = x - n * _LN2_HI - n * _LN2_LO
     p = 1 + f * (1 + f * (1 / 2 + f * (1 / 6 + f * (1 / 24 + f * (1 / 120 + f * (1 / 720 + f / 5040))))))
-    two_n = mx.stop_gradient(mx.view(mx.left_shift(n.astype(mx.int32) + 127, 23), mx.float32))
+    two_n = mx.stop_gradient(mx.view(mx.left_shift(mx.view(t, mx.int32) - (_ROUND_BITS - 127), 23), mx.float32))
     return p * two_n
 
 

@@ -34,6 +34,8 @@ from mlx.utils import tree_flatten
 from . import fastmath
 from .cache import DecoderCache
 
+fastmath.configure_cpu_cache()
+
 # Encoder conv stem: (kernel, stride) of conv1..conv3; 64 * 3 * 2 = 384 samples per frame (24 ms at 16 kHz).
 CONV_STEM = ((127, 64), (7, 3), (3, 2))
 
@@ -278,14 +280,18 @@ class Encoder(nn.Module):
         """
         gn = self.groupnorm
         xf = x.astype(mx.float32)
-        if valid is None:
-            m = mx.ones(x.shape[:2] + (1,), dtype=mx.float32)
+        if valid is None:  # (x * c ** 2 would be a scalar pow per value on the CPU: multiply instead)
+            count = mx.full((x.shape[0],), float(x.shape[1] * x.shape[2]))
+            mean = xf.sum(axis=1).sum(axis=-1) / count
+            centered = xf - mean[:, None, None]
+            var = (centered * centered).sum(axis=1).sum(axis=-1) / count
         else:
             m = valid[..., None].astype(mx.float32)
-        count = mx.maximum(m.sum(axis=(1, 2)) * x.shape[-1], 1.0)  # (B,) values per clip
-        mean = (xf * m).sum(axis=1).sum(axis=-1) / count
-        centered = xf - mean[:, None, None]
-        var = ((centered * m) ** 2).sum(axis=1).sum(axis=-1) / count
+            count = mx.maximum(m.sum(axis=(1, 2)) * x.shape[-1], 1.0)  # (B,) values per clip
+            mean = (xf * m).sum(axis=1).sum(axis=-1) / count
+            centered = xf - mean[:, None, None]
+            cm = centered * m
+            var = (cm * cm).sum(axis=1).sum(axis=-1) / count
         y = centered * mx.rsqrt(var + gn.eps)[:, None, None]
         return (y * gn.weight + gn.bias).astype(x.dtype)
 

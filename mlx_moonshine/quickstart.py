@@ -23,7 +23,6 @@ from .io import atomic_write_text
 HUB_MODEL = "UsefulSensors/moonshine-tiny"
 PYPI_MODEL = "moonshine-cpp:base-en"
 EXAMPLE = ("domain_train", "domain_val", "domain_test", "heldout_manifest")
-REPLAY_RATIO = 0.3  # share of each batch drawn from the example's general-English replay set
 
 
 class QuickstartError(MoonshineError):
@@ -110,9 +109,8 @@ def quickstart(out_dir: str | Path = "runs/quickstart", minutes: float = 12.0, s
                    heldout=str(manifest["heldout_manifest"]), eval_test=str(manifest["domain_test"]),
                    out=str(run), baseline_run=str(out / "baseline"), max_steps=steps, max_minutes=minutes,
                    eval_every=100, val_wer_samples=20)
-        replay = data / "general_replay.jsonl"
-        if replay.is_file():  # general English mixed in keeps the heldout guardrail (see examples/atc/README.md)
-            cli.update(replay=str(replay), replay_ratio=REPLAY_RATIO)
+        # train's default mixes the bundled general-English replay set into every batch (ratio 0.3):
+        # that is what keeps the heldout guardrail (see examples/atc/README.md)
         resume = run if (run / "checkpoint").exists() else None
         run_training(cli, resume=resume, decoding=options, log=log)
 

@@ -237,6 +237,23 @@ def test_cli_precedence_cli_over_yaml_over_defaults(tiny, tmp_path, monkeypatch)
         train_report.resolve_args({"model": "m", "train": "t", "out": "o"})
 
 
+def test_replay_is_on_by_default_and_can_be_turned_off():
+    from mlx_moonshine import train_report
+
+    base = {"model": "m", "train": "t", "val": "v", "out": "o"}
+    args, paths = train_report.resolve_args(dict(base))
+    assert paths["replay"] == str(train_report.BUILTIN_REPLAY) and args.replay_ratio == 0.3
+    assert load_manifest(train_report.BUILTIN_REPLAY).samples  # ships with the package and loads
+    args, paths = train_report.resolve_args(dict(base, replay="none"))
+    assert paths["replay"] is None and args.replay_ratio == 0.0
+    args, paths = train_report.resolve_args(dict(base, replay_ratio=0.0))
+    assert paths["replay"] is None and args.replay_ratio == 0.0
+    args, paths = train_report.resolve_args(dict(base, replay="my.jsonl"))
+    assert paths["replay"] == "my.jsonl" and args.replay_ratio == 0.3
+    args, paths = train_report.resolve_args(dict(base, replay_ratio=0.5))
+    assert paths["replay"] == str(train_report.BUILTIN_REPLAY) and args.replay_ratio == 0.5
+
+
 def test_bad_manifest_is_a_clear_cli_error(tiny, tmp_path):
     from click.testing import CliRunner
 
@@ -275,7 +292,7 @@ def test_sigkill_then_resume_matches_uninterrupted(tiny, tmp_path):
                 val_wer_samples=0, max_seconds=None, pad_seconds=2.0, compile=False)
     cfg.write_text("".join(f"{k}: {'null' if v is None else v}\n" for k, v in opts.items()))
     run = tmp_path / "run"
-    cmd = [sys.executable, "-m", "mlx_moonshine", "train", "--model", str(tiny / "model"),
+    cmd = [sys.executable, "-m", "mlx_moonshine", "train", "--model", str(tiny / "model"), "--replay", "none",
            "--train", str(tiny / "train.jsonl"), "--val", str(tiny / "val.jsonl"), "-c", str(cfg)]
     proc = subprocess.Popen(cmd + ["-o", str(run)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120

@@ -11,7 +11,11 @@ Output, all under --out (default: this script's folder); manifest "audio" paths 
   audio/domain/{train,val,test}/<id>.ogg   audio/heldout/<id>.ogg
   domain_train.jsonl  domain_val.jsonl  domain_test.jsonl  domain_quick.jsonl  heldout_manifest.jsonl
   stats.json
-  audio/replay/<id>.ogg  general_replay.jsonl  replay_stats.json       (only with --replay / --replay-only)
+
+With --replay / --replay-only, the general-English replay set goes to --replay-out (default:
+mlx_moonshine/general_replay, the set `mlx-moonshine train` mixes in unless told otherwise):
+
+  audio/<id>.ogg  general_replay.jsonl  replay_stats.json
 
 Train/val/test use disjoint espeak-ng accents ("speaker_group"), so no voice is shared between splits,
 and no transcript appears twice in the domain set. The quick subset is drawn from train.
@@ -20,8 +24,8 @@ and no transcript appears twice in the domain set. The quick subset is drawn fro
   python examples/atc/make_data.py --out /tmp/atc_big --n-train 2000 --n-val 200 --n-test 200
   python examples/atc/make_data.py --seed 0 --replay-only    # add the replay set, touch nothing else
 
-The replay set (clean general English from replay_sentences.txt, mixed into training with
-`mlx-moonshine train --replay`) uses its own random streams and espeak-ng variants that the heldout set
+The replay set (clean general English from replay_sentences.txt, mixed into every training batch by
+`mlx-moonshine train` at --replay-ratio 0.3 by default) uses its own random streams and espeak-ng variants that the heldout set
 never uses, so adding it changes no other file.
 
 Needs the espeak-ng binary (apt-get install espeak-ng), numpy, scipy and soundfile (libsndfile >= 1.1
@@ -85,6 +89,7 @@ RADIO_PROFILES = {
 OUTPUT_NAMES = [f"domain_{sp}.jsonl" for sp in SPLITS] + ["domain_quick.jsonl", "heldout_manifest.jsonl",
                                                            "stats.json"]
 REPLAY_NAMES = ["general_replay.jsonl", "replay_stats.json"]
+REPLAY_OUT = Path(__file__).resolve().parents[2] / "mlx_moonshine" / "general_replay"
 REPLAY_MAX_OVERLAP = 0.6  # word Jaccard with any heldout sentence at or above which a replay line is dropped
 
 
@@ -409,8 +414,8 @@ def make_replay_jobs(args, voices: list[dict]) -> list[dict]:
             jobs.append(dict(id=uid, split="replay", domain="general", text=text_norm(s), tts_text=s,
                              voice_chain=[v] + [x for x in rr.sample(pool, min(3, len(pool))) if x is not v][:2],
                              rate=rr.uniform(*args.rate_heldout), pitch=rr.uniform(0.92, 1.08),
-                             rng_seed=stable_seed(args.seed, uid), audio=f"audio/replay/{uid}.{ext}",
-                             out=args.out, format=args.format, kbps=args.kbps, sentence=k))
+                             rng_seed=stable_seed(args.seed, uid), audio=f"audio/{uid}.{ext}",
+                             out=args.replay_out, format=args.format, kbps=args.kbps, sentence=k))
     return jobs
 
 
@@ -447,10 +452,13 @@ def parse_args(argv=None):
     ap.add_argument("--rate-heldout", type=float, nargs=2, default=[0.9, 1.1], help="speaking-rate factors, heldout")
     ap.add_argument("--overwrite", action="store_true", help="delete OUT/audio and the manifests first")
     ap.add_argument("--replay", action="store_true",
-                    help="also write the clean general-English replay set (general_replay.jsonl, audio/replay/)")
+                    help="also write the clean general-English replay set (general_replay.jsonl, audio/) "
+                         "into --replay-out")
     ap.add_argument("--replay-only", action="store_true",
                     help="write only the replay set; every other file is left as it is")
     ap.add_argument("--replay-voices", type=int, default=2, help="utterances (accents) per replay sentence")
+    ap.add_argument("--replay-out", default=str(REPLAY_OUT),
+                    help="folder of the replay set (default: the one mlx-moonshine train mixes in by default)")
     return ap.parse_args(argv)
 
 
@@ -466,14 +474,14 @@ def run_jobs(jobs: list[dict], n_workers: int) -> tuple[list[dict], list[str]]:
 
 
 def write_replay(args, argv) -> int:
-    """Synthesize the replay set into OUT/audio/replay + general_replay.jsonl + replay_stats.json."""
+    """Synthesize the replay set into REPLAY_OUT/audio + general_replay.jsonl + replay_stats.json."""
     t0 = time.time()
     voices = probe_voices(replay_voices())
     if not voices:
         sys.exit("no usable espeak-ng replay voice")
-    out = Path(args.out)
+    out = Path(args.replay_out)
     if args.overwrite:
-        shutil.rmtree(out / "audio" / "replay", ignore_errors=True)
+        shutil.rmtree(out / "audio", ignore_errors=True)
         for name in REPLAY_NAMES:
             (out / name).unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
@@ -511,7 +519,7 @@ def main(argv=None) -> int:
     print(f"[voices] {len(voices)} usable; " + ", ".join(f"{s}: {len(p)}" for s, p in pools.items()), flush=True)
     out = Path(args.out)
     if args.overwrite:
-        for sub in ("domain", "heldout"):  # audio/replay belongs to --replay(-only)
+        for sub in ("domain", "heldout"):
             shutil.rmtree(out / "audio" / sub, ignore_errors=True)
         for name in OUTPUT_NAMES:
             (out / name).unlink(missing_ok=True)
