@@ -143,6 +143,22 @@ def linear(layer: nn.Module, x: mx.array) -> mx.array:
     return y + layer.bias if "bias" in layer else y
 
 
+def tied_logits(owner: nn.Module, embed: nn.Embedding, hidden: mx.array) -> mx.array:
+    """`embed.as_linear(hidden)`; at inference through a contiguous (D, V) copy kept on `owner`.
+
+    The per-token GEMV over the 32k x D embedding is ~2x faster on the CPU that way (x @ W.T is
+    strided); the copy is rebuilt whenever the weight changes. Training takes the plain path.
+    """
+    if owner.training:
+        return embed.as_linear(hidden)
+    head = getattr(owner, "_head_t", None)
+    if head is None:
+        head = owner._head_t = _Transposed()
+    if head.source is not embed.weight:
+        head.source, head.weight_t = embed.weight, mx.contiguous(embed.weight.T)
+    return hidden @ head.weight_t
+
+
 def _gelu(x: mx.array) -> mx.array:
     """Exact (erf) GELU; a fused polynomial version on the CPU, where erf is scalar and slow."""
     return fastmath.gelu(x) if fastmath.use_fast_cpu_ops() else nn.gelu(x)
@@ -406,7 +422,6 @@ class Model(nn.Module):
         self.args = args
         self.model_type = args.model_type
         self.model = MoonshineModel(args)
-        self._head = _Transposed()
         if not args.tie_word_embeddings:
             self.proj_out = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
 
@@ -438,15 +453,8 @@ class Model(nn.Module):
 
     def logits(self, hidden: mx.array) -> mx.array:
         if not self.args.tie_word_embeddings:
-            return self.proj_out(hidden)
-        embed = self.model.decoder.embed_tokens
-        if self.training:
-            return embed.as_linear(hidden)
-        # Inference: a contiguous (D, V) copy of the tied head makes the per-token GEMV ~2x faster on
-        # the CPU (x @ W.T over the 32k x D embedding is strided); rebuilt whenever the weight changes.
-        if self._head.source is not embed.weight:
-            self._head.source, self._head.weight_t = embed.weight, mx.contiguous(embed.weight.T)
-        return hidden @ self._head.weight_t
+            return linear(self.proj_out, hidden)
+        return tied_logits(self, self.model.decoder.embed_tokens, hidden)
 
     def __call__(self, input_values: mx.array, decoder_input_ids: mx.array,
                  attention_mask: Optional[mx.array] = None) -> mx.array:

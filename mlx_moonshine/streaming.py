@@ -61,7 +61,7 @@ from mlx.utils import tree_flatten
 
 from .cache import DecoderCache
 from .errors import ModelError
-from .model import Decoder, ModelArgs, _activation, attention_mask as additive_key_mask
+from .model import Decoder, ModelArgs, _activation, attention_mask as additive_key_mask, linear, tied_logits
 
 CONV_KERNEL, CONV_STRIDE = 5, 2  # both causal convs of the embedder
 
@@ -452,8 +452,8 @@ class StreamingModel(nn.Module):
 
     def logits(self, hidden: mx.array) -> mx.array:
         if self.args.tie_word_embeddings:
-            return self.model.decoder.embed_tokens.as_linear(hidden)
-        return self.proj_out(hidden)
+            return tied_logits(self, self.model.decoder.embed_tokens, hidden)
+        return linear(self.proj_out, hidden)
 
     def __call__(self, input_values: mx.array, decoder_input_ids: mx.array,
                  attention_mask: Optional[mx.array] = None) -> mx.array:
