@@ -156,6 +156,21 @@ def test_resume_equals_uninterrupted(tiny, tmp_path):
     assert [r["step"] for r in metrics if r["kind"] == "train"] == [r["step"] for r in rows_full if r["kind"] == "train"]
 
 
+def test_patience_stops_when_validation_stops_improving(tiny, tmp_path):
+    def flat(model, batch):  # the same loss everywhere: no validation ever improves on step 0
+        value, ntoks = tr.default_loss(model, batch)
+        return 0.0 * value + 1.0, ntoks
+
+    model, processor = load(tiny / "model")
+    summary = tr.train(model, processor, load_manifest(tiny / "train.jsonl"), load_manifest(tiny / "val.jsonl"),
+                       _args(max_steps=40, eval_every=3, patience=2, val_wer_samples=0), run_dir=tmp_path / "run",
+                       loss=flat, log=lambda m: None, progress=False)
+    assert summary["steps"] == 6  # validations at steps 3 and 6 both fail to beat step 0
+    assert summary["stop_reason"].startswith("early stop")
+    assert summary["best"]["step"] == 0
+    assert (tmp_path / "run" / "checkpoint").is_dir()
+
+
 def test_nonfinite_batch_skipped_and_counted(tiny, tmp_path):
     def poisoned(model, batch):
         loss, ntoks = tr.default_loss(model, batch)
