@@ -5,8 +5,9 @@ self-attention, decoder self- and cross-attention), AdamW lr 1e-3, fp32, the sam
 A second configuration puts the adapters in the decoder only and feeds precomputed encoder outputs (what the
 trainer does automatically when no adapter sits in the encoder).
 
-Each framework runs in its own subprocess so that peak RSS is its own. Audio loading and batch building
-happen before the timed steps; the first --warmup steps (compilation) are not timed.
+Each framework runs in its own subprocess so that peak RSS is its own, and the PyTorch one without the
+OpenBLAS preload (see `REFERENCE_ENV`). Audio loading and batch building happen before the timed steps; the
+first --warmup steps (compilation) are not timed.
 
     python benchmarks/bench_train.py --model BASE_MLX_DIR --hf BASE_HF_DIR \
         --manifest examples/atc/domain_train.jsonl [--steps 20] [--out results.json]
@@ -29,6 +30,11 @@ CONFIGS = {
     "decoder q/v, cached encoder": {"scope": ["decoder_self", "decoder_cross"], "cached_encoder": True},
 }
 BATCH, RANK, ALPHA, LR = 2, 8, 16.0, 1e-3
+
+
+# PyTorch runs without mlx_moonshine's OpenBLAS preload: a process-wide RTLD_GLOBAL OpenBLAS takes over
+# torch's BLAS calls too and made transformers ~4.6x slower here (beckett.wav greedy 0.73 s -> 3.37 s).
+REFERENCE_ENV = {"MLX_MOONSHINE_NO_OPENBLAS": "1"}
 
 
 def peak_rss_gb() -> float:
@@ -160,7 +166,8 @@ def main():
             cmd = [sys.executable, __file__, "--engine", engine, "--config", name, "--model", args.model,
                    "--hf", args.hf, "--manifest", args.manifest, "--steps", str(args.steps),
                    "--warmup", str(args.warmup)]
-            out = subprocess.run(cmd, capture_output=True, text=True)
+            env = dict(os.environ, **REFERENCE_ENV) if engine == "torch" else None
+            out = subprocess.run(cmd, capture_output=True, text=True, env=env)
             if out.returncode != 0:
                 row[engine] = {"error": out.stderr.strip().splitlines()[-1] if out.stderr.strip() else "failed"}
             else:

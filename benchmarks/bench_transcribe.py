@@ -6,6 +6,10 @@ of --repeats runs after one warm-up, the real-time factor (RTF = seconds of comp
 and each engine's time relative to mlx-moonshine. Also a profile of mlx-moonshine: encoder, decoder
 ms/token and the Python/host share of a decoding step.
 
+Each engine runs in its own process, one after the other. The reference engines (transformers,
+onnxruntime) run without mlx_moonshine's OpenBLAS preload and never import MLX: a process-wide
+RTLD_GLOBAL OpenBLAS takes over torch's BLAS calls as well and made transformers ~4.6x slower here.
+
     python benchmarks/bench_transcribe.py --model BASE_MLX_DIR --hf BASE_HF_DIR [--repeats 5] [--out F.json]
 
 Engines that are not installed are skipped with a note (torch/transformers: `pip install -e .[dev]`;
@@ -17,27 +21,30 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import math
 import os
 import platform
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
-import mlx_moonshine  # noqa: F401  (OpenBLAS before mlx)
-import mlx.core as mx
 import numpy as np
 
+# Importing mlx_moonshine preloads OpenBLAS unless REFERENCE_ENV says not to (mlx-audio gets it too: a fair
+# race). No MLX import at module level: the reference engines' processes never load it.
 from mlx_moonshine.audio import SAMPLE_RATE, AudioConfig, prepare_audio
-from mlx_moonshine.decoding import DecodingOptions, decode_batch
-from mlx_moonshine.loading import load
 
+REFERENCE_ENV = {"MLX_MOONSHINE_NO_OPENBLAS": "1"}
 CLIPS = ("beckett.wav", "endgame_nagg_nell.wav")
 
 
+_BUDGETS: dict = {}  # samples -> token budget, set by the parent's --budgets
+
+
 def budget(audio: np.ndarray) -> int:
-    return DecodingOptions().token_budget(len(audio) / SAMPLE_RATE)
+    return _BUDGETS[len(audio)]
 
 
 def median_time(fn, repeats: int):
@@ -54,13 +61,20 @@ class MLXEngine:
     name = "mlx-moonshine"
 
     def __init__(self, model_dir):
+        from mlx_moonshine.loading import load
+
         self.model, self.processor = load(model_dir)
 
     def __call__(self, audio):
+        from mlx_moonshine.decoding import DecodingOptions, decode_batch
+
         (res,) = decode_batch(self.model, self.processor, [audio], DecodingOptions())
         return res.text
 
     def profile(self, audio, repeats):
+        import mlx.core as mx
+        from mlx_moonshine.decoding import DecodingOptions, decode_batch
+
         x = mx.array(audio[None])
         enc, _ = median_time(lambda: mx.eval(self.model.encode(x)[0]), repeats)
         (res,) = decode_batch(self.model, self.processor, [audio], DecodingOptions())
@@ -139,6 +153,7 @@ class MLXAudioEngine:
     name = "mlx-audio"
 
     def __init__(self, hf_dir):
+        import mlx.core as mx
         from mlx_audio.stt.models.moonshine.moonshine import Model
         from tokenizers import Tokenizer
 
@@ -151,6 +166,8 @@ class MLXAudioEngine:
         self.model._tokenizer = _Decoder(Tokenizer.from_file(str(Path(hf_dir) / "tokenizer.json")))
 
     def __call__(self, audio):
+        import mlx.core as mx
+
         return self.model.generate(mx.array(audio[None]), max_tokens=budget(audio)).text
 
 
@@ -162,18 +179,32 @@ class _Decoder:
         return self.tok.decode(ids, skip_special_tokens=skip_special_tokens)
 
 
-def make_engines(args):
-    engines, notes = [MLXEngine(args.model)], []
-    for cls, needs in ((TransformersEngine, "transformers"), (OrtEngine, "onnxruntime"),
-                       (MLXAudioEngine, "mlx_audio")):
-        if importlib.util.find_spec(needs) is None:
-            notes.append(f"{cls.name}: skipped ({needs} not installed)")
-            continue
-        try:
-            engines.append(cls(args.hf))
-        except Exception as e:  # an engine that cannot load is reported, not fatal
-            notes.append(f"{cls.name}: skipped ({type(e).__name__}: {e})")
-    return engines, notes
+# key -> (engine class, module it needs, environment of its process)
+ENGINES = {
+    "mlx": (MLXEngine, "mlx", {}),
+    "transformers": (TransformersEngine, "transformers", REFERENCE_ENV),
+    "ort": (OrtEngine, "onnxruntime", REFERENCE_ENV),
+    "mlx-audio": (MLXAudioEngine, "mlx_audio", {}),
+}
+
+
+def run_engine(args) -> dict:
+    """Child process: one engine on every clip."""
+    if args.engine == "transformers":
+        import torch
+
+        torch.set_num_threads(os.cpu_count() or 1)
+    cls = ENGINES[args.engine][0]
+    engine = cls(args.model if args.engine == "mlx" else args.hf)
+    out = {"name": cls.name, "clips": {}}
+    for clip, n_tokens in zip(CLIPS, args.budgets):
+        audio = prepare_audio(Path(args.audio_dir) / clip, AudioConfig())
+        _BUDGETS[len(audio)] = n_tokens
+        t, text = median_time(lambda: engine(audio), args.repeats)
+        out["clips"][clip] = {"s": t, "text": text}
+        if args.engine == "mlx":
+            out["clips"][clip]["profile"] = engine.profile(audio, args.repeats)
+    return out
 
 
 def main():
@@ -183,6 +214,8 @@ def main():
     ap.add_argument("--audio-dir", default=None, help="folder with the clips (default: moonshine_voice assets)")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--out", default=None, help="write results as JSON here")
+    ap.add_argument("--engine", choices=list(ENGINES), help=argparse.SUPPRESS)  # child process
+    ap.add_argument("--budgets", type=lambda v: [int(x) for x in v.split(",")], help=argparse.SUPPRESS)
     args = ap.parse_args()
 
     if args.audio_dir is None:
@@ -190,28 +223,42 @@ def main():
         if spec is None:
             sys.exit("no --audio-dir and moonshine-voice is not installed (pip install moonshine-voice)")
         args.audio_dir = Path(spec.origin).parent / "assets"
-    try:
-        import torch
+    if args.engine:
+        Path(args.out).write_text(json.dumps(run_engine(args)))
+        return
 
-        torch.set_num_threads(os.cpu_count() or 1)
-    except ImportError:
-        pass
+    import mlx_moonshine
+    from mlx_moonshine.decoding import DecodingOptions
 
-    engines, notes = make_engines(args)
+    audios = {clip: prepare_audio(Path(args.audio_dir) / clip, AudioConfig()) for clip in CLIPS}
+    budgets = [DecodingOptions().token_budget(len(a) / SAMPLE_RATE) for a in audios.values()]
     results = {"machine": f"{platform.machine()} {platform.system()}, {os.cpu_count()} cores",
                "blas": mlx_moonshine._blas.describe(), "date": time.strftime("%Y-%m-%d"),
-               "repeats": args.repeats, "clips": {}, "notes": notes}
-    for clip in CLIPS:
-        audio = prepare_audio(Path(args.audio_dir) / clip, AudioConfig())
-        seconds = len(audio) / SAMPLE_RATE
-        row = {"seconds": seconds, "budget": budget(audio), "engines": {}}
-        for eng in engines:
-            t, text = median_time(lambda: eng(audio), args.repeats)
-            row["engines"][eng.name] = {"s": t, "rtf": t / seconds, "text": text}
-        row["profile"] = engines[0].profile(audio, args.repeats)
-        results["clips"][clip] = row
+               "repeats": args.repeats, "clips": {}, "notes": []}
+    for clip, a, n in zip(CLIPS, audios.values(), budgets):
+        results["clips"][clip] = {"seconds": len(a) / SAMPLE_RATE, "budget": n, "engines": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        for key, (cls, needs, env) in ENGINES.items():
+            if importlib.util.find_spec(needs) is None:
+                results["notes"].append(f"{cls.name}: skipped ({needs} not installed)")
+                continue
+            out = Path(tmp) / f"{key}.json"
+            cmd = [sys.executable, __file__, "--engine", key, "--model", args.model, "--hf", args.hf,
+                   "--audio-dir", str(args.audio_dir), "--repeats", str(args.repeats),
+                   "--budgets", ",".join(map(str, budgets)), "--out", str(out)]
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, **env))
+            if proc.returncode != 0:  # an engine that cannot run is reported, not fatal
+                last = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}"
+                results["notes"].append(f"{cls.name}: skipped ({last})")
+                continue
+            res = json.loads(out.read_text())
+            for clip, r in res["clips"].items():
+                row = results["clips"][clip]
+                row["engines"][res["name"]] = {"s": r["s"], "rtf": r["s"] / row["seconds"], "text": r["text"]}
+                if "profile" in r:
+                    row["profile"] = r["profile"]
 
-    print(f"\n{results['machine']}; MLX BLAS: {results['blas']}; median of {args.repeats}")
+    print(f"\n{results['machine']}; MLX BLAS: {results['blas']}; median of {args.repeats}; one process per engine")
     for clip, row in results["clips"].items():
         base = row["engines"]["mlx-moonshine"]["s"]
         print(f"\n{clip} ({row['seconds']:.1f} s audio, budget {row['budget']} tokens)")
@@ -226,7 +273,7 @@ def main():
             print("  note: transcripts differ between engines:")
             for name, r in row["engines"].items():
                 print(f"    {name}: {r['text']}")
-    for note in notes:
+    for note in results["notes"]:
         print("note:", note)
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=2) + "\n")

@@ -58,20 +58,26 @@ def main():
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--eval-rows", type=int, default=40)
+    ap.add_argument("--eval-manifest", default=str(EXAMPLE / "domain_test.jsonl"),
+                    help="manifest for the batch 1 vs batch 8 eval (default: the bundled ATC domain test)")
     ap.add_argument("--out", default=str(HERE / "RESULTS.md"))
     args = ap.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
         tr = run_json("bench_transcribe.py", ["--model", args.model, "--hf", args.hf, "--repeats",
                                               str(args.repeats)], Path(tmp) / "tr.json")
-        ev = eval_throughput(args.model, EXAMPLE / "domain_test.jsonl", args.eval_rows)
+        ev = eval_throughput(args.model, Path(args.eval_manifest), args.eval_rows)
         bt = run_json("bench_train.py", ["--model", args.model, "--hf", args.hf, "--steps", str(args.steps),
                                          "--manifest", str(EXAMPLE / "domain_train.jsonl")], Path(tmp) / "bt.json")
 
     lines = [f"# Benchmarks\n",
              f"{tr['machine']}; MLX BLAS: {tr['blas']}; {time.strftime('%Y-%m-%d')}; "
              f"`python benchmarks/run_all.py --model BASE_MLX --hf BASE_HF --repeats {args.repeats} "
-             f"--steps {args.steps}` (Moonshine base, fp32).\n",
+             f"--steps {args.steps} --eval-rows {args.eval_rows}"
+             + ("" if Path(args.eval_manifest) == EXAMPLE / "domain_test.jsonl" else
+                f" --eval-manifest .../{Path(args.eval_manifest).name}")
+             + "` (Moonshine base, fp32; every engine in its own process, the PyTorch ones without the "
+             "OpenBLAS preload).\n",
              "## Transcription (greedy, same samples and token budget, one pass per clip; median of "
              f"{tr['repeats']})\n",
              "| clip | engine | seconds | RTF | time vs mlx-moonshine |", "|---|---|---|---|---|"]
@@ -89,7 +95,7 @@ def main():
         lines.append(f"- note: {note}")
     b1, b8 = ev[1], ev[8]
     same = b1["hyps"] == b8["hyps"]
-    lines += ["", f"## Batched eval (bundled ATC domain test, first {b1['n']} rows)\n",
+    lines += ["", f"## Batched eval (`{Path(args.eval_manifest).name}`, first {b1['n']} rows)\n",
               "| batch | seconds | audio seconds per second | WER |", "|---|---|---|---|",
               f"| 1 | {b1['seconds']:.1f} | {b1['audio_s'] / b1['seconds']:.2f} | {b1['wer']:.4f} |",
               f"| 8 | {b8['seconds']:.1f} | {b8['audio_s'] / b8['seconds']:.2f} | {b8['wer']:.4f} |",
