@@ -181,12 +181,35 @@ class RotaryEmbedding(nn.Module):
         inv_freq = 1.0 / (base ** (mx.arange(0, dim, 2, dtype=mx.float32) / dim))
         # transformers rotates 2 * len(inv_freq) dims; fast.rope wants periods, not frequencies.
         self.dims = 2 * inv_freq.shape[0]
+        self._inv_freq = inv_freq
         self._periods = 1.0 / inv_freq
+        self._cos = self._sin = None  # (positions, dims / 2) tables for the CPU path, grown on demand
 
     def __call__(self, x: mx.array, offset: int = 0) -> mx.array:
         # x: (B, heads, L, head_dim)
+        if fastmath.use_fast_cpu_ops():
+            # MLX's CPU rope recomputes cos/sin (scalar libm calls) and splits/concatenates on every call:
+            # ~0.2 ms per head tensor at one decoding step, 16 calls a step. A cached table and one fused
+            # kernel give the same values (the same float32 angles) in a quarter of the time.
+            end = offset + x.shape[2]
+            if self._cos is None or self._cos.shape[0] < end:
+                n = max(512, 1 << (end - 1).bit_length())
+                angles = mx.arange(n, dtype=mx.float32)[:, None] * self._inv_freq[None, :]
+                self._cos, self._sin = mx.cos(angles), mx.sin(angles)
+            return _rope_rotate(x, self._cos[offset:end], self._sin[offset:end])
         return mx.fast.rope(x, self.dims, traditional=True, base=None, scale=1.0, offset=offset,
                             freqs=self._periods)
+
+
+@mx.compile
+def _rope_rotate(x: mx.array, cos: mx.array, sin: mx.array) -> mx.array:
+    """Interleaved rotation of the first 2 * cos.shape[-1] dims of x (B, heads, L, head_dim); cos/sin (L, dims/2)."""
+    B, H, L, D = x.shape
+    dims = 2 * cos.shape[-1]
+    pairs = x[..., :dims].reshape(B, H, L, dims // 2, 2)
+    x0, x1 = pairs[..., 0], pairs[..., 1]
+    rotated = mx.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], axis=-1).reshape(B, H, L, dims).astype(x.dtype)
+    return mx.concatenate([rotated, x[..., dims:]], axis=-1) if dims < D else rotated
 
 
 class Attention(nn.Module):
