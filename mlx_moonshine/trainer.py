@@ -33,6 +33,7 @@ import mlx.optimizers as optim
 from mlx.utils import tree_flatten
 
 from . import data as data_lib
+from . import fastmath
 from .adapters import AdapterConfig, adapter_layers, apply_adapters, load_adapters
 from .errors import MoonshineError
 from .train_batches import AUGMENTS, IGNORE, EncoderCache, load_clips, make_batch, tokenize  # noqa: F401
@@ -378,6 +379,7 @@ def train(model, processor, train_set, val_set, args: TrainArgs, *, run_dir=None
         return row
 
     model.train()
+    restore_cache = fastmath.training_cpu_cache()  # None, or the allocator cache limit to restore at the end
     mx.reset_peak_memory()
     p = progress_state
     tic_run = time.perf_counter()
@@ -478,6 +480,8 @@ def train(model, processor, train_set, val_set, args: TrainArgs, *, run_dir=None
         step_seconds=writer.mean_step_seconds(), warnings=warnings, run_dir=str(run),
         adapters=str(run / "adapters.safetensors"), best_dir=str(run / ts.BEST))
     ts.write_summary(run, summary)
+    if restore_cache is not None:
+        mx.set_cache_limit(restore_cache)
     return summary
 
 
