@@ -54,6 +54,7 @@ def run_mlx(args, config: dict) -> dict:
     import mlx.core as mx
     import mlx.optimizers as optim
 
+    from mlx_moonshine import fastmath
     from mlx_moonshine.adapters import AdapterConfig, apply_adapters
     from mlx_moonshine.loading import load
     from mlx_moonshine.train_batches import EncoderCache, make_batch
@@ -69,7 +70,10 @@ def run_mlx(args, config: dict) -> dict:
     cache = EncoderCache(model, processor, targs.pad_seconds) if config["cached_encoder"] else None
     batches = [make_batch(b, processor, targs, cache=cache) for b in batches_of(args.manifest, args.steps)]
     mx.eval([list(b.values()) for b in batches])
-    stepper = Stepper(model, optim.AdamW(learning_rate=LR), default_loss)
+    # As `train` runs it: the training allocator cache, the step compiled only off the CPU backend.
+    fastmath.training_cpu_cache()
+    compile_step = mx.default_device().type != mx.DeviceType.cpu
+    stepper = Stepper(model, optim.AdamW(learning_rate=LR), default_loss, compile=compile_step)
     times, losses = [], []
     for i, batch in enumerate(batches):
         t = time.perf_counter()

@@ -58,15 +58,17 @@ def main():
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--eval-rows", type=int, default=40)
-    ap.add_argument("--eval-manifest", default=str(EXAMPLE / "domain_test.jsonl"),
-                    help="manifest for the batch 1 vs batch 8 eval (default: the bundled ATC domain test)")
+    ap.add_argument("--eval-manifest", action="append", default=None,
+                    help="manifest for the batch 1 vs batch 8 eval; repeat for more (default: the bundled "
+                         "ATC domain test, where the base model's transcripts are mostly empty)")
     ap.add_argument("--out", default=str(HERE / "RESULTS.md"))
     args = ap.parse_args()
+    manifests = [Path(m) for m in args.eval_manifest or [EXAMPLE / "domain_test.jsonl"]]
 
     with tempfile.TemporaryDirectory() as tmp:
         tr = run_json("bench_transcribe.py", ["--model", args.model, "--hf", args.hf, "--repeats",
                                               str(args.repeats)], Path(tmp) / "tr.json")
-        ev = eval_throughput(args.model, Path(args.eval_manifest), args.eval_rows)
+        evs = {m: eval_throughput(args.model, m, args.eval_rows) for m in manifests}
         bt = run_json("bench_train.py", ["--model", args.model, "--hf", args.hf, "--steps", str(args.steps),
                                          "--manifest", str(EXAMPLE / "domain_train.jsonl")], Path(tmp) / "bt.json")
 
@@ -74,8 +76,7 @@ def main():
              f"{tr['machine']}; MLX BLAS: {tr['blas']}; {time.strftime('%Y-%m-%d')}; "
              f"`python benchmarks/run_all.py --model BASE_MLX --hf BASE_HF --repeats {args.repeats} "
              f"--steps {args.steps} --eval-rows {args.eval_rows}"
-             + ("" if Path(args.eval_manifest) == EXAMPLE / "domain_test.jsonl" else
-                f" --eval-manifest .../{Path(args.eval_manifest).name}")
+             + ("".join(f" --eval-manifest {'/'.join(m.parts[-3:])}" for m in manifests) if args.eval_manifest else "")
              + "` (Moonshine base, fp32; every engine in its own process, the PyTorch ones without the "
              "OpenBLAS preload).\n",
              "## Transcription (greedy, same samples and token budget, one pass per clip; median of "
@@ -93,14 +94,16 @@ def main():
                      f"{p['tokens']} steps ({p['decoder_ms_per_token']:.1f} ms/token)")
     for note in tr.get("notes", []):
         lines.append(f"- note: {note}")
-    b1, b8 = ev[1], ev[8]
-    same = b1["hyps"] == b8["hyps"]
-    lines += ["", f"## Batched eval (`{Path(args.eval_manifest).name}`, first {b1['n']} rows)\n",
-              "| batch | seconds | audio seconds per second | WER |", "|---|---|---|---|",
-              f"| 1 | {b1['seconds']:.1f} | {b1['audio_s'] / b1['seconds']:.2f} | {b1['wer']:.4f} |",
-              f"| 8 | {b8['seconds']:.1f} | {b8['audio_s'] / b8['seconds']:.2f} | {b8['wer']:.4f} |",
-              "", f"Batch 8 throughput: {b1['seconds'] / b8['seconds']:.2f}x batch 1; identical transcripts: {same}.",
-              "", f"## Training step (batch {bt['batch']}, LoRA r={bt['rank']} on q/v, fp32, median of "
+    lines += ["", f"## Batched eval (first {args.eval_rows} rows of each manifest, greedy)\n",
+              "| manifest | batch | seconds | audio seconds per second | WER | batch 8 vs 1 | same transcripts |",
+              "|---|---|---|---|---|---|---|"]
+    for m, ev in evs.items():
+        b1, b8 = ev[1], ev[8]
+        for bs, r in ((1, b1), (8, b8)):
+            ratio, same = (f"{b1['seconds'] / b8['seconds']:.2f}x", str(b1["hyps"] == b8["hyps"])) if bs == 8 else ("", "")
+            lines.append(f"| {'/'.join(m.parts[-3:])} | {bs} | {r['seconds']:.1f} | {r['audio_s'] / r['seconds']:.2f} | "
+                         f"{r['wer']:.4f} | {ratio} | {same} |")
+    lines += ["", f"## Training step (batch {bt['batch']}, LoRA r={bt['rank']} on q/v, fp32, median of "
               f"{bt['steps'] - bt['warmup']} steps)\n",
               "| configuration | engine | s/step | peak RSS GB |", "|---|---|---|---|"]
     for name, row in bt["configs"].items():
