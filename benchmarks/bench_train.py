@@ -66,12 +66,13 @@ def run_mlx(args, config: dict) -> dict:
     apply_adapters(model, AdapterConfig(kind="lora", r=RANK, alpha=ALPHA, dropout=0.0,
                                         targets=["q_proj", "v_proj"], **kw))
     model.train()
+    # As `train` runs it: the training allocator cache (before the encoder cache fills), the step compiled
+    # only off the CPU backend.
+    fastmath.training_cpu_cache()
     targs = TrainArgs(batch_size=BATCH)
     cache = EncoderCache(model, processor, targs.pad_seconds) if config["cached_encoder"] else None
     batches = [make_batch(b, processor, targs, cache=cache) for b in batches_of(args.manifest, args.steps)]
     mx.eval([list(b.values()) for b in batches])
-    # As `train` runs it: the training allocator cache, the step compiled only off the CPU backend.
-    fastmath.training_cpu_cache()
     compile_step = mx.default_device().type != mx.DeviceType.cpu
     stepper = Stepper(model, optim.AdamW(learning_rate=LR), default_loss, compile=compile_step)
     times, losses = [], []

@@ -171,6 +171,26 @@ def test_patience_stops_when_validation_stops_improving(tiny, tmp_path):
     assert (tmp_path / "run" / "checkpoint").is_dir()
 
 
+def _cache_limit() -> int:
+    limit = mx.set_cache_limit(0)
+    mx.set_cache_limit(limit)
+    return limit
+
+
+def test_training_loop_runs_with_the_smaller_allocator_cache(tiny, tmp_path, monkeypatch):
+    if mx.default_device().type != mx.DeviceType.cpu:
+        pytest.skip("the allocator cache is tuned for the CPU backend only")
+    monkeypatch.delenv("MLX_MOONSHINE_CPU_CACHE_MB", raising=False)
+    before = _cache_limit()
+    seen = []
+    model, processor = load(tiny / "model")
+    tr.train(model, processor, load_manifest(tiny / "train.jsonl"), load_manifest(tiny / "val.jsonl"),
+             _args(max_steps=4, eval_every=4, val_wer_samples=0), run_dir=tmp_path / "run",
+             callback=lambda row: seen.append(_cache_limit()), log=lambda m: None, progress=False)
+    assert set(seen) == {256 * 2**20}  # inside the loop: 256 MiB (same speed, less resident memory)
+    assert _cache_limit() == before  # the inference setting comes back afterwards
+
+
 def test_nonfinite_batch_skipped_and_counted(tiny, tmp_path):
     def poisoned(model, batch):
         loss, ntoks = tr.default_loss(model, batch)
