@@ -25,6 +25,8 @@ import sys
 import time
 from pathlib import Path
 
+from mlx_moonshine._blas import ENV_DISABLE  # the switch that keeps OpenBLAS out of a process
+
 CONFIGS = {
     "all q/v (encoder + decoder)": {"scope": None, "cached_encoder": False},
     "decoder q/v, cached encoder": {"scope": ["decoder_self", "decoder_cross"], "cached_encoder": True},
@@ -34,7 +36,7 @@ BATCH, RANK, ALPHA, LR = 2, 8, 16.0, 1e-3
 
 # PyTorch runs without mlx_moonshine's OpenBLAS preload: a process-wide RTLD_GLOBAL OpenBLAS takes over
 # torch's BLAS calls too and made transformers ~4.6x slower here (beckett.wav greedy 0.73 s -> 3.37 s).
-REFERENCE_ENV = {"MLX_MOONSHINE_NO_OPENBLAS": "1"}
+REFERENCE_ENV = {ENV_DISABLE: "1"}
 
 
 def peak_rss_gb() -> float:

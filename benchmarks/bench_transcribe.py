@@ -34,9 +34,10 @@ import numpy as np
 
 # Importing mlx_moonshine preloads OpenBLAS unless REFERENCE_ENV says not to (mlx-audio gets it too: a fair
 # race). No MLX import at module level: the reference engines' processes never load it.
+from mlx_moonshine._blas import ENV_DISABLE
 from mlx_moonshine.audio import SAMPLE_RATE, AudioConfig, prepare_audio
 
-REFERENCE_ENV = {"MLX_MOONSHINE_NO_OPENBLAS": "1"}
+REFERENCE_ENV = {ENV_DISABLE: "1"}
 CLIPS = ("beckett.wav", "endgame_nagg_nell.wav")
 
 
