@@ -18,7 +18,7 @@ from typing import Optional
 import mlx.core as mx
 import mlx.nn as nn
 
-from .lora import LoRALinear, dense_weight, flat_noise
+from .lora import LoRALinear, base_linear, dense_weight, flat_noise
 
 
 class DoRALinear(LoRALinear):
@@ -58,7 +58,7 @@ class DoRALinear(LoRALinear):
         return mx.stop_gradient(mx.linalg.norm(V, axis=1))
 
     def __call__(self, x: mx.array) -> mx.array:
-        y = self.linear(x)
+        y = base_linear(self.linear, x)  # as the unwrapped model computes it (see LoRALinear.__call__)
         x32 = x.astype(mx.float32)
         s = self.magnitude / self.weight_norm()  # [out]
         if self.dropout_p > 0 and self.training:

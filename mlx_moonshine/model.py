@@ -32,6 +32,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from . import fastmath
+from .fastmath import TransposedCopy, linear  # noqa: F401  (linear: shared with streaming.py)
 from .cache import DecoderCache
 
 fastmath.configure_cpu_cache()
@@ -117,32 +118,6 @@ def frame_lengths(num_samples: mx.array) -> mx.array:
     return n
 
 
-class _Transposed:
-    """A contiguous W^T kept beside an nn.Linear (a plain object: not a parameter, never saved)."""
-
-    source = None
-    weight_t = None
-
-
-def linear(layer: nn.Module, x: mx.array) -> mx.array:
-    """`layer(x)`; for a few rows at inference on the CPU, through a cached contiguous W^T.
-
-    Decoding multiplies one row per utterance by every weight; OpenBLAS does that ~25% faster with W^T
-    laid out contiguously than with the strided W.T. Adapter-wrapped layers and training take the plain
-    path; the copy is rebuilt whenever the weight array changes (load, fuse, cast).
-    """
-    if type(layer) is not nn.Linear or layer.training or x.size > 16 * x.shape[-1] \
-            or not fastmath.use_fast_cpu_ops():
-        return layer(x)
-    t = getattr(layer, "_transposed", None)
-    if t is None or t.source is not layer.weight:
-        t = _Transposed()
-        t.source, t.weight_t = layer.weight, mx.contiguous(layer.weight.T)
-        layer._transposed = t
-    y = x @ t.weight_t
-    return y + layer.bias if "bias" in layer else y
-
-
 def tied_logits(owner: nn.Module, embed: nn.Embedding, hidden: mx.array) -> mx.array:
     """`embed.as_linear(hidden)`; at inference through a contiguous (D, V) copy kept on `owner`.
 
@@ -153,7 +128,7 @@ def tied_logits(owner: nn.Module, embed: nn.Embedding, hidden: mx.array) -> mx.a
         return embed.as_linear(hidden)
     head = getattr(owner, "_head_t", None)
     if head is None:
-        head = owner._head_t = _Transposed()
+        head = owner._head_t = TransposedCopy()
     if head.source is not embed.weight:
         head.source, head.weight_t = embed.weight, mx.contiguous(embed.weight.T)
     return hidden @ head.weight_t
