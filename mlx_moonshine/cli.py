@@ -108,7 +108,7 @@ def transcribe(model_path, adapter, audio, as_json, batch_size, **kwargs):
     options = _decoding_from_kwargs(kwargs)
     from .audio import prepare_audio
     from .loading import load
-    from .transcribe import transcribe_clips
+    from .transcription import transcribe_clips
 
     model, processor = _run(load, model_path, adapter=adapter)
     # Read every file first, so a bad file fails before any decoding.

@@ -128,7 +128,7 @@ def _score_row(name: str, s: Sample, hyp: str, seconds: float, truncated: bool, 
 def _decode_group(model, processor, samples: list[Sample], options: DecodingOptions, batch_size: int,
                   skip_invalid: bool, name: str) -> tuple[list[tuple[Sample, dict]], list[tuple[str, str]]]:
     """Decode samples together; with skip_invalid, clips whose audio fails are set aside one by one."""
-    from .transcribe import transcribe_clips
+    from .transcription import transcribe_clips
 
     try:
         results = transcribe_clips(model, processor, [s.audio_path for s in samples], options, batch_size)

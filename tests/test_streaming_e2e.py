@@ -22,7 +22,7 @@ from mlx_moonshine.adapters import (AdapterConfig, apply_adapters, find_targets,
 from mlx_moonshine.decoding import DecodingOptions, decode_batch
 from mlx_moonshine.loading import convert, load
 from mlx_moonshine.streaming import StreamingModel
-from mlx_moonshine.transcribe import transcribe
+from mlx_moonshine.transcription import transcribe
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
