@@ -78,7 +78,7 @@ def test_resume_decodes_only_missing_rows_and_gives_same_summary(tiny, tiny_corp
     (run / "predictions.jsonl").write_text("".join(lines[:-2]) + lines[-2][:25])
     calls = []
     real = decoding.decode_batch
-    monkeypatch.setattr("mlx_moonshine.transcribe.decode_batch",
+    monkeypatch.setattr("mlx_moonshine.transcription.decode_batch",
                         lambda m, p, audios, o: calls.append(len(audios)) or real(m, p, audios, o))
     second = _eval(tiny, tiny_corpus.values(), run)
     assert sum(calls) == 2
