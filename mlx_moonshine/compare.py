@@ -1,11 +1,11 @@
 """Compare two evaluation runs (A = baseline, B = candidate) and decide whether B may replace A.
 
-The verdict (last line of the report) is FAIL when
-  - a held-out manifest (general speech the adapter must not forget) regresses by more than
-    `max_heldout_regression` absolute WER points (1.0 = one percentage point = 0.01 WER), or
-  - the domain manifests (all the others, pooled) got worse in B than in A;
-and PASS otherwise. Runs decoded or normalised differently, or on different manifest bytes, are
-still compared, with a loud warning: their numbers are not comparable.
+The verdict (last line of the report) is the project's one rule (`verdict.py`, shared with report.md):
+domain manifests pooled must improve by the user's threshold (default: not get worse), every held-out and
+real-canary manifest may rise by at most its limit (default 1.0 absolute WER point) and keep the base's
+casing/punctuation (format drift), and a criterion with no set to measure it is NOT MEASURED, never PASS.
+Runs decoded or normalised differently, or on different manifest bytes, are still compared, with a loud
+warning: their numbers are not comparable.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Optional
 
 from .evaluate import PREDICTIONS_FILE, RUN_FILE, SUMMARY_FILE, EvalError
+from .verdict import Thresholds, assign_roles, format_drift, judge, verdict_line
 
 TOP_REGRESSIONS = 10
 _SETTINGS = (("decoding", "decode options"), ("audio_normalization", "audio normalisation"),
@@ -50,13 +51,6 @@ def _load_run(run_dir: str | Path) -> tuple[dict, dict, dict]:
 
 def _errors(row: dict) -> int:
     return int(row["substitutions"] + row["deletions"] + row["insertions"])
-
-
-def _pooled_wer(summaries: list[dict]) -> Optional[float]:
-    words = sum(s.get("ref_words", 0) for s in summaries)
-    if not summaries or not words:
-        return None
-    return sum(s.get("word_errors", round(s["wer"] * s.get("ref_words", 0))) for s in summaries) / words
 
 
 def _manifest_section(name: str, sa: dict, sb: dict, rows_a: dict, rows_b: dict) -> list[str]:
@@ -95,22 +89,26 @@ def _manifest_section(name: str, sa: dict, sb: dict, rows_a: dict, rows_b: dict)
 
 
 def compare_runs(run_a: str | Path, run_b: str | Path, max_heldout_regression: float = 1.0,
-                 heldout: Optional[str] = None) -> tuple[str, bool]:
-    """Compare run B against run A, manifest by manifest, with a held-out guardrail.
+                 heldout: Optional[str] = None, canary: Optional[str] = None,
+                 thresholds: Optional[Thresholds] = None) -> tuple[str, bool]:
+    """Compare run B against run A, manifest by manifest, and give the verdict (`verdict.judge`).
 
     Args:
         run_a: Baseline run folder (from `evaluate`).
         run_b: Candidate run folder.
         max_heldout_regression: Largest allowed WER increase on held-out manifests, in absolute
-            percentage points (1.0 = 0.01 WER).
+            percentage points (1.0 = 0.01 WER); ignored when `thresholds` is given.
         heldout: Name of the held-out manifest; default: every manifest whose name contains "heldout".
+        canary: Name of the real-speech canary manifest; default: every name containing "canary".
+        thresholds: All thresholds of the verdict (domain, held-out, canary, format drift).
 
     Returns:
-        (report text whose last line is "VERDICT: PASS ..." or "VERDICT: FAIL ...", passed)
+        (report text whose last line is "VERDICT: PASS|FAIL|NOT MEASURED ...", passed)
 
     Raises:
         EvalError: a missing or unreadable run folder, no manifest in common, or an unknown `heldout`.
     """
+    thresholds = thresholds or Thresholds(heldout_max_rise=max_heldout_regression)
     run1, sum_a, rows_a = _load_run(run_a)
     run2, sum_b, rows_b = _load_run(run_b)
     man_a, man_b = sum_a.get("manifests", {}), sum_b.get("manifests", {})
@@ -118,8 +116,9 @@ def compare_runs(run_a: str | Path, run_b: str | Path, max_heldout_regression: f
     if not names:
         raise EvalError(f"{run_a} ({', '.join(man_a) or 'nothing'}) and {run_b} ({', '.join(man_b) or 'nothing'}) "
                         "have no manifest in common; evaluate both on the same manifests")
-    if heldout is not None and heldout not in names:
-        raise EvalError(f"--heldout {heldout!r} is not a manifest of both runs (common: {', '.join(names)})")
+    for flag, value in (("--heldout", heldout), ("--canary", canary)):
+        if value is not None and value not in names:
+            raise EvalError(f"{flag} {value!r} is not a manifest of both runs (common: {', '.join(names)})")
     lines = [f"A: {run_a}", f"B: {run_b}"]
     warnings = [f"{label} differ: A {run1.get(key)} vs B {run2.get(key)}"
                 for key, label in _SETTINGS if run1.get(key) != run2.get(key)]
@@ -136,24 +135,16 @@ def compare_runs(run_a: str | Path, run_b: str | Path, max_heldout_regression: f
     for n in names:
         lines += _manifest_section(n, man_a[n], man_b[n], rows_a, rows_b)
 
-    held = [heldout] if heldout is not None else [n for n in names if "heldout" in n.lower()]
-    domain = [n for n in names if n not in held]
-    failures, passes = [], []
-    if not held:
-        lines.append("no held-out manifest found (no name contains 'heldout'; use --heldout NAME): "
-                     "deciding on the domain result only")
-    for n in held:
-        reg = 100 * (man_b[n]["wer"] - man_a[n]["wer"])
-        msg = f"heldout '{n}' WER {reg:+.2f} pts (limit +{max_heldout_regression:.2f})"
-        (failures if reg > max_heldout_regression else passes).append(msg)
-    if domain:
-        wa, wb = _pooled_wer([man_a[n] for n in domain]), _pooled_wer([man_b[n] for n in domain])
-        if wa is not None and wb is not None:
-            msg = f"domain WER {100 * wa:.2f}% -> {100 * wb:.2f}% ({100 * (wb - wa):+.2f} pts)"
-            (failures if wb > wa else passes).append(msg)
-    ok = not failures
+    roles = assign_roles(names, heldout=heldout, canary=canary)
+    drift = {}
+    for n, role in roles.items():
+        if role != "domain":
+            drift[n] = format_drift({i: r for (m, i), r in rows_a.items() if m == n},
+                                    {i: r for (m, i), r in rows_b.items() if m == n})
+    result = judge(man_a, man_b, roles, thresholds, drift)
+    lines.append("criteria:")
+    lines += [f"  {c.line()}" for c in result["criteria"]]
     if warnings:
-        passes.append("settings differ, see warnings")
-    verdict = "; ".join(failures + passes) if not ok else "; ".join(passes)
-    lines.append(f"VERDICT: {'PASS' if ok else 'FAIL'} ({verdict})")
-    return "\n".join(lines), ok
+        lines.append("  (settings differ, see warnings)")
+    lines.append(verdict_line(result))
+    return "\n".join(lines), result["decision"]

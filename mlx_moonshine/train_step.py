@@ -12,22 +12,30 @@ from mlx.utils import tree_flatten, tree_map
 from .train_batches import IGNORE
 
 
+def forward_logits(model, batch: dict) -> mx.array:
+    """Teacher-forced logits (B, L, V) of a training batch (audio, or cached encoder memory)."""
+    if "memory" in batch:
+        memory, valid = batch["memory"], batch["valid"]
+    else:
+        memory, valid = model.encode(batch["audio"], batch["lengths"])
+    return model.decode(batch["tokens"], memory, valid)[0]
+
+
+def token_cross_entropy(logits: mx.array, labels: mx.array):
+    """(sum of the cross entropy over the real label tokens, number of those tokens)."""
+    mask = labels != IGNORE
+    ce = nn.losses.cross_entropy(logits.astype(mx.float32), mx.where(mask, labels, 0)) * mask
+    return ce.sum(), mask.sum()
+
+
 def default_loss(model, batch: dict):
     """Mean cross entropy over the real label tokens of the batch.
 
     Returns:
         (loss, number of label tokens), both scalars.
     """
-    if "memory" in batch:
-        memory, valid = batch["memory"], batch["valid"]
-    else:
-        memory, valid = model.encode(batch["audio"], batch["lengths"])
-    logits, _ = model.decode(batch["tokens"], memory, valid)  # (B, L, V)
-    labels = batch["labels"]
-    mask = labels != IGNORE
-    ce = nn.losses.cross_entropy(logits.astype(mx.float32), mx.where(mask, labels, 0)) * mask
-    ntoks = mask.sum()
-    return ce.sum() / mx.maximum(ntoks, 1), ntoks
+    ce_sum, ntoks = token_cross_entropy(forward_logits(model, batch), batch["labels"])
+    return ce_sum / mx.maximum(ntoks, 1), ntoks
 
 
 def _assign(dst, src):

@@ -36,6 +36,7 @@ from . import data as data_lib
 from . import fastmath
 from .adapters import AdapterConfig, adapter_layers, apply_adapters, load_adapters
 from .errors import MoonshineError
+from .teacher import base_targets, distill_loss, manifest_targets, teacher_table
 from .train_batches import AUGMENTS, IGNORE, EncoderCache, load_clips, make_batch, tokenize  # noqa: F401
 from .train_step import Stepper, default_loss, set_grad_checkpoint
 
@@ -82,6 +83,12 @@ class TrainArgs:
     # Data
     max_seconds: Optional[float] = 30.0  # longer clips are left out of training (and counted)
     replay_ratio: float = 0.0  # share of training rows drawn from the replay set
+    # Who writes the replay targets: "base" (the frozen base model's own transcripts: its words, case and
+    # punctuation) or "manifest" (the replay manifest's texts). See teacher.py.
+    replay_targets: str = "base"
+    replay_kd: float = 1.0  # weight of the distillation term toward the base's distribution on replay rows; 0: off
+    kd_topk: int = 16  # teacher tokens kept per position for the distillation term
+    transcript_style: str = "base"  # outside the domain: "base" keeps the base's style, "domain" adopts the domain's
     augment: str = ""  # comma list of noise, speed, timemask; "" = off
     cache_encoder: str = "auto"  # "auto" (on when legal), "on" (error if not legal), "off"
     # Compute
@@ -108,6 +115,14 @@ class TrainArgs:
             problems.append(f"schedule {self.schedule!r} is not one of {', '.join(SCHEDULES)}")
         if self.schedule_steps is not None and self.schedule_steps < self.max_steps:
             problems.append(f"schedule_steps {self.schedule_steps} is shorter than max_steps {self.max_steps}")
+        if self.replay_targets not in ("base", "manifest"):
+            problems.append(f"replay_targets must be base or manifest (got {self.replay_targets!r})")
+        if self.transcript_style not in ("base", "domain"):
+            problems.append(f"transcript_style must be base or domain (got {self.transcript_style!r})")
+        if not (self.replay_kd >= 0 and math.isfinite(self.replay_kd)):
+            problems.append(f"replay_kd must be a number >= 0 (got {self.replay_kd})")
+        if self.kd_topk < 1:
+            problems.append(f"kd_topk must be >= 1 (got {self.kd_topk})")
         if not 0.0 <= self.replay_ratio < 1.0:
             problems.append(f"replay_ratio must be in [0, 1) (got {self.replay_ratio})")
         bad = [a for a in self.augment_kinds if a not in AUGMENTS]
@@ -258,6 +273,24 @@ def epoch_batches(samples, args: TrainArgs, epoch: int, iterate_batches=data_lib
     return batches
 
 
+def _replay_teacher(model, processor, replay_train, replay_val, args: TrainArgs, run: Path, decoding, log):
+    """Replay rows with their targets (the base's transcripts or the manifest's, restyled as asked) and,
+    with `replay_kd` > 0, the base's token distributions on the training rows. The model must be the base."""
+    rows = replay_val + replay_train
+    if args.replay_targets == "base":
+        rows = base_targets(model, processor, rows, decoding, run, args.transcript_style, log=log)
+    else:
+        rows = manifest_targets(rows, args.transcript_style)
+    replay_val, replay_train = rows[: len(replay_val)], rows[len(replay_val):]
+    teacher = None
+    if args.replay_kd > 0 and replay_train:
+        teacher = teacher_table(model, processor, replay_train, args, k=args.kd_topk,
+                                max_len=model.args.max_position_embeddings)
+        log(f"replay teacher: base distributions (top {args.kd_topk}) on {len(replay_train)} replay rows, "
+            f"{teacher.nbytes / 2**20:.1f} MB, distillation weight {args.replay_kd:g}")
+    return replay_train, replay_val, teacher
+
+
 def train(model, processor, train_set, val_set, args: TrainArgs, *, run_dir=None, heldout_set=None,
           replay_set=None, loss: Callable = default_loss, iterate_batches=data_lib.iterate_batches,
           callback: Optional[Callable[[dict], None]] = None, decoding=None, resume: bool = False,
@@ -304,6 +337,14 @@ def train(model, processor, train_set, val_set, args: TrainArgs, *, run_dir=None
     heldout_rows = _samples(heldout_set)[: args.aux_loss_rows] if heldout_set is not None else []
     if args.replay_ratio > 0 and not replay_train:
         raise TrainingError("replay_ratio > 0 needs a replay set (--replay MANIFEST)")
+
+    # The frozen base as the teacher of replay rows, consulted before any adapter exists (teacher.py).
+    teacher = None
+    if replay_train or replay_val:
+        replay_train, replay_val, teacher = _replay_teacher(model, processor, replay_train, replay_val, args,
+                                                            run, decoding, log)
+    if teacher is not None:
+        loss = distill_loss(loss, args.replay_kd)
 
     # Model: compute dtype, adapters (fresh, or the checkpoint's), frozen base.
     checkpoint = ts.find_checkpoint(run) if resume else None
@@ -406,8 +447,9 @@ def train(model, processor, train_set, val_set, args: TrainArgs, *, run_dir=None
                 batches = epoch_batches(train_samples, args, p.epoch, iterate_batches, replay_train)
             samples = batches[p.batch_index]
             aug_seed = (args.seed, p.epoch, p.batch_index) if args.augment_kinds else None
-            micro.append(make_batch(samples, processor, args, cache=caches.get("train"), augment_seed=aug_seed,
-                                    max_len=max_len))
+            batch = make_batch(samples, processor, args, cache=caches.get("train"), augment_seed=aug_seed,
+                               max_len=max_len)
+            micro.append(teacher.attach(batch, samples) if teacher is not None else batch)
             p.batch_index += 1
         value, ntoks, finite = stepper(micro)
         p.step += 1

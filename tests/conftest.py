@@ -12,6 +12,10 @@ import mlx_moonshine  # noqa: F401  (preloads OpenBLAS before anything imports m
 
 REPO = Path(__file__).resolve().parents[1]
 
+# Tiny random models transcribe real speech as noise: the tests turn the real-speech canary off unless a test
+# asks for it (test_canary.py builds it from a fake sdist), so the suite needs no download for it.
+os.environ.setdefault("MLX_MOONSHINE_CANARY", "none")
+
 
 @pytest.fixture(scope="session")
 def shared_dir() -> Path:
@@ -130,7 +134,9 @@ def write_tiny_corpus(folder: Path, name: str, n: int, seed: int = 0) -> Path:
 
 @pytest.fixture
 def tiny_corpus(tmp_path) -> dict:
-    """Two manifests in tmp_path/data: 'domain_test' (9 clips) and 'heldout' (5 clips), by name."""
+    """Manifests in tmp_path/data by name: 'domain_test' (9 clips), 'heldout' (5) and 'real_canary' (4; a stand-in
+    for the real-speech canary, whose role comes from its name)."""
     folder = tmp_path / "data"
     return {"domain_test": write_tiny_corpus(folder, "domain_test", 9, seed=1),
-            "heldout": write_tiny_corpus(folder, "heldout", 5, seed=2)}
+            "heldout": write_tiny_corpus(folder, "heldout", 5, seed=2),
+            "real_canary": write_tiny_corpus(folder, "real_canary", 4, seed=4)}

@@ -52,7 +52,7 @@ def test_run_folder_records_everything(tiny, tiny_model_dir, tiny_corpus, tmp_pa
     summary = _eval(tiny, tiny_corpus.values(), run, options=opts)
     assert json.loads((run / "summary.json").read_text()) == summary
     rows = _rows(run)
-    assert len(rows) == 9 + 5 and ROW_KEYS <= set(rows[0])
+    assert len(rows) == 9 + 5 + 4 and ROW_KEYS <= set(rows[0])
     assert any(r["hyp"] for r in rows), "the tiny model should say something"
     rec = json.loads((run / "run.json").read_text())
     assert rec["decoding"] == opts.to_dict() == summary["run"]["decoding"]
@@ -63,7 +63,7 @@ def test_run_folder_records_everything(tiny, tiny_model_dir, tiny_corpus, tmp_pa
         m = rec["manifests"][name]
         assert m["sha256"] == sha256_file(src) == sha256_file(run / m["copy"])
         s = summary["manifests"][name]
-        assert s["n"] == {"domain_test": 9, "heldout": 5}[name] and s["n_skipped"] == 0
+        assert s["n"] == {"domain_test": 9, "heldout": 5, "real_canary": 4}[name] and s["n_skipped"] == 0
         assert 0 <= s["wer"] and s["hours"] > 0 and s["rtf"] > 0
         mine = [r for r in rows if r["manifest"] == name]
         errors = sum(r["substitutions"] + r["deletions"] + r["insertions"] for r in mine)
@@ -146,7 +146,10 @@ def test_cli_eval_lists_every_bad_row_and_exits_2(tiny_model_dir, tiny_corpus, t
 
 def _edit_run(run: Path, name: str, wer_delta: float, worse_id: str | None = None):
     summary = json.loads((run / "summary.json").read_text())
-    summary["manifests"][name]["wer"] += wer_delta
+    m = summary["manifests"][name]
+    m["wer"] += wer_delta
+    if "word_errors" in m:  # keep the summary consistent: pooled WERs are recomputed from the counts
+        m["word_errors"] = round(m["wer"] * m["ref_words"])
     (run / "summary.json").write_text(json.dumps(summary))
     if worse_id:
         rows = _rows(run)
@@ -161,9 +164,9 @@ def test_cli_eval_and_compare_verdicts(tiny_model_dir, tiny_corpus, tmp_path):
     a = tmp_path / "a"
     result = runner.invoke(main, ["eval", "--model", str(tiny_model_dir), "--manifest", str(tiny_corpus["domain_test"]),
                                   "--manifest", str(tiny_corpus["heldout"]), "-o", str(a), "--batch-size", "4",
-                                  "--quiet"])
+                                  "--canary", str(tiny_corpus["real_canary"]), "--quiet"])
     assert result.exit_code == 0, result.output
-    assert "domain_test" in result.stdout and "heldout" in result.stdout and "WER" in result.stdout
+    assert all(n in result.stdout for n in ("domain_test", "heldout", "real_canary", "WER"))
 
     b = tmp_path / "b"
     shutil.copytree(a, b)
@@ -183,20 +186,30 @@ def test_cli_eval_and_compare_verdicts(tiny_model_dir, tiny_corpus, tmp_path):
     result = runner.invoke(main, ["compare", str(a), str(b), "--max-heldout-regression", "3"])
     assert result.exit_code == 0 and "VERDICT: PASS" in result.stdout
 
-    # No held-out manifest named as such: decided on the domain result alone (here: worse -> FAIL).
+    # The real canary regresses by 2 points: FAIL, named in the verdict.
+    _edit_run(b, "real_canary", 0.02)
+    result = runner.invoke(main, ["compare", str(a), str(b), "--max-heldout-regression", "3"])
+    last = result.stdout.strip().splitlines()[-1]
+    assert result.exit_code == 1 and last.startswith("VERDICT: FAIL") and "real canary" in last, result.output
+
+    # Domain worse -> FAIL.
     _edit_run(b, "domain_test", 0.05)
-    result = runner.invoke(main, ["compare", str(a), str(b), "--heldout", "domain_test"])
-    assert result.exit_code == 1
+    result = runner.invoke(main, ["compare", str(a), str(b), "--max-heldout-regression", "3",
+                                  "--max-canary-regression", "3"])
+    assert result.exit_code == 1 and "domain WER relative reduction" in result.stdout.splitlines()[-1]
     from mlx_moonshine.compare import compare_runs
 
+    # A criterion with no set to measure it: NOT MEASURED, never PASS, and the missing set is named.
     c = tmp_path / "c"
     shutil.copytree(a, c)
     for run in (a, c):
         s = json.loads((run / "summary.json").read_text())
-        del s["manifests"]["heldout"]
+        del s["manifests"]["real_canary"]
         (run / "summary.json").write_text(json.dumps(s))
     report, ok = compare_runs(a, c)
-    assert ok and "no held-out manifest found" in report
+    last = report.splitlines()[-1]
+    assert not ok and last.startswith("VERDICT: NOT MEASURED") and "real canary" in last, report
+    assert "heldout (held-out (synthetic))" in last and "domain_test (domain)" in last  # the sets it used
 
     # Different decode options: a loud warning.
     rec = json.loads((c / "run.json").read_text())

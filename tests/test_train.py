@@ -259,7 +259,7 @@ def test_cli_precedence_cli_over_yaml_over_defaults(tiny, tmp_path, monkeypatch)
 
     seen = {}
     monkeypatch.setattr(train_report, "run_training", lambda cli_opts, **kw: seen.update(cli=cli_opts, **kw) or
-                        {"decision": {"criteria": []}, "report": "-"})
+                        {"decision": {"criteria": [], "lines": []}, "report": "-"})
     cfg = tmp_path / "train.yaml"
     cfg.write_text("lr: 5e-3\nrank: 16\nmax_steps: 7\nmodel: m\ntrain: t.jsonl\nval: v.jsonl\n")
     result = CliRunner().invoke(cli.main, ["train", "-c", str(cfg), "--lr", "0.02", "-o", str(tmp_path / "r")])
@@ -315,7 +315,11 @@ def test_run_training_report_and_fuse(tiny, tmp_path):
     for section in ("## Run summary", "## Hypothesis", "## Success criteria", "## Configuration", "## Results",
                     "## Duration", "## Artefacts", "## Decision", "## Warnings"):
         assert section in report
-    assert len(out["decision"]["criteria"]) == 2
+    criteria = {c["role"]: c for c in out["decision"]["criteria"]}
+    assert set(criteria) == {"domain", "heldout", "canary"}  # every role is reported, measured or not
+    assert criteria["canary"]["passed"] is None and "not measured" in criteria["canary"]["detail"]
+    assert not out["decision"]["decision"] and "**not measured**" in report or "**no**" in report
+    assert "Decision: yes" not in report and "**yes**" not in report
     assert (run / "fused" / "model.safetensors").is_file() and (run / "eval" / "tuned" / "summary.json").is_file()
     fused, _ = load(run / "fused")
     assert not any("lora" in k for k, _ in tree_flatten(fused.parameters()))
