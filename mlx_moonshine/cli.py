@@ -267,12 +267,14 @@ def manifest_stats_cmd(manifest_path: Path, skip_invalid: bool):
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--skip-invalid", is_flag=True, help="Leave bad rows out instead of stopping.")
 @click.option("-o", "--out-dir", required=True, type=click.Path(file_okay=False, path_type=Path))
-def manifest_split_cmd(manifest_path, ratios, by, quick, seed, skip_invalid, out_dir):
+@click.option("--force", is_flag=True, help="Remove split files of an earlier split in OUT_DIR that this one "
+                                            "would not rewrite.")
+def manifest_split_cmd(manifest_path, ratios, by, quick, seed, skip_invalid, out_dir, force):
     """Split MANIFEST into train/val/test JSONL files in OUT_DIR (deterministic per seed)."""
     from .data import load_manifest, split_manifest
 
     m = _run(load_manifest, manifest_path, skip_invalid=skip_invalid)
-    written = _run(split_manifest, m, out_dir, ratios=ratios, by=by, quick=quick, seed=seed)
+    written = _run(split_manifest, m, out_dir, ratios=ratios, by=by, quick=quick, seed=seed, force=force)
     if m.skipped:
         click.echo(f"skipped {len(m.skipped)} bad rows", err=True)
     for name, path in written.items():
