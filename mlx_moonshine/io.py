@@ -92,6 +92,9 @@ def _atomic_path(path: Path, suffix: str = ".tmp") -> Iterator[Path]:
             tmp_path.unlink(missing_ok=True)
 
 
+atomic_path = _atomic_path  # for writers that need a file name (savefig, safetensors): temp, then rename
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write `data` to `path` atomically."""
     with _atomic_path(path) as tmp:

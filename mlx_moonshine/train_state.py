@@ -20,7 +20,6 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -30,7 +29,8 @@ import mlx.core as mx
 from mlx.utils import tree_flatten, tree_unflatten
 
 from .adapters import save_adapters
-from .io import atomic_save_safetensors, atomic_write_json, atomic_write_text, sha256_file
+from .io import (atomic_path, atomic_save_safetensors, atomic_write_json, atomic_write_text, make_temp_dir,
+                 sha256_file, writing)
 
 CHECKPOINT = "checkpoint"
 BEST = "best"
@@ -84,7 +84,7 @@ def save_checkpoint(run: Path, model, config, optimizer, progress: TrainProgress
     """Write RUN/adapters.* and RUN/checkpoint/ (adapters, optimizer state, RNG key, state.json)."""
     run = Path(run)
     save_adapters(run, model, config)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{CHECKPOINT}-", dir=run))
+    tmp = make_temp_dir(run, f".{CHECKPOINT}-")
     try:
         save_adapters(tmp, model, config)
         opt = dict(tree_flatten(optimizer.state))
@@ -123,7 +123,7 @@ def restore(checkpoint: Path, optimizer, model, args, warnings: list) -> TrainPr
 
 
 def save_best(run: Path, model, config) -> None:
-    tmp = Path(tempfile.mkdtemp(prefix=f".{BEST}-", dir=run))
+    tmp = make_temp_dir(run, f".{BEST}-")
     try:
         save_adapters(tmp, model, config)
         _swap_in(tmp, Path(run) / BEST)
@@ -153,7 +153,7 @@ class RunWriter:
     def append(self, row: dict) -> None:
         row = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in row.items()}
         self.rows.append(row)
-        with open(self.path, "a", encoding="utf-8") as f:
+        with writing(self.path), open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")
 
     def mean_step_seconds(self) -> Optional[float]:
@@ -196,14 +196,11 @@ class RunWriter:
 def _save_fig(fig, path: Path) -> None:
     import matplotlib.pyplot as plt
 
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=100, bbox_inches="tight")
-        os.replace(tmp, path)
+        with atomic_path(path, suffix=".png") as tmp:  # final file follows the umask (mkstemp's is 0600)
+            fig.savefig(tmp, dpi=100, bbox_inches="tight")
     finally:
         plt.close(fig)
-        Path(tmp).unlink(missing_ok=True)
 
 
 def _manifest_record(m, run: Path) -> Optional[dict]:
