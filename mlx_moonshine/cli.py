@@ -227,6 +227,8 @@ def compare_cmd(run_a, run_b, max_heldout_regression, heldout):
 @click.option("--max-minutes", default=None, type=click.FloatRange(min=0, min_open=True),
               help="Stop training after this many minutes (checked every step).")
 @click.option("--dtype", default=None, type=click.Choice(["float32", "float16", "bfloat16"]))
+@click.option("--max-seconds", default=None, type=click.FloatRange(min=0, min_open=True),
+              help="Leave out training clips longer than this (default 30; max_seconds: null in YAML keeps all).")
 @click.option("--augment", default=None, help="Comma list of noise, speed, timemask (default: off).")
 @click.option("--grad-checkpoint/--no-grad-checkpoint", default=None)
 @click.option("--resume", default=None, type=click.Path(file_okay=False, path_type=Path),

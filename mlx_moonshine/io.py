@@ -13,6 +13,7 @@ with `run_lock`, so two runs never interleave their rows in one folder.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -200,10 +201,10 @@ def run_lock(folder: Path, command: str, log: Optional[Callable[[str], None]] = 
     folder = Path(folder)
     path = folder / LOCK_FILE
     log = log or (lambda m: print(m, file=sys.stderr))
-    with writing(path):
-        folder.mkdir(parents=True, exist_ok=True)
+    created = not folder.exists()
     for _ in range(20):
         with writing(path):
+            folder.mkdir(parents=True, exist_ok=True)
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
         got = _flock(fd)
         previous = _read_lock(path)
@@ -235,5 +236,8 @@ def run_lock(folder: Path, command: str, log: Optional[Callable[[str], None]] = 
     finally:
         try:
             path.unlink(missing_ok=True)
+            if created and not any(folder.iterdir()):  # refused before writing anything: leave no trace
+                with contextlib.suppress(OSError):  # someone else just started writing there
+                    folder.rmdir()
         finally:
             os.close(fd)

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from .errors import MoonshineError
-from .io import atomic_write_text
+from .io import atomic_write_text, run_lock
 from .trainer import TrainArgs, TrainingError
 
 PATH_KEYS = ("model", "train", "val", "heldout", "eval_test", "replay", "out", "baseline_run")
@@ -32,12 +32,40 @@ def _read_yaml(path) -> dict:
     import yaml
 
     try:
-        data = yaml.safe_load(Path(path).read_text()) or {}
-    except (OSError, yaml.YAMLError) as e:
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8-sig")) or {}
+    except (OSError, ValueError, yaml.YAMLError) as e:  # ValueError: not UTF-8
         raise TrainingError(f"{path}: cannot read the training config ({e})") from e
     if not isinstance(data, dict):
         raise TrainingError(f"{path}: the training config must be a mapping of option: value")
-    return {k.replace("-", "_"): v for k, v in data.items()}
+    data = {str(k).replace("-", "_"): v for k, v in data.items()}
+    _check_yaml_keys(path, data)
+    return data
+
+
+# Decoding options are click flags shared with transcribe/eval; a YAML value for them would be ignored.
+_DECODING_KEYS = ("beam_size", "length_penalty", "max_tokens_per_second", "max_new_tokens", "no_repeat_ngram_size",
+                  "suppress_blank")
+_ALIASES = {"learning_rate": "lr", "steps": "max_steps", "epochs": "max_steps", "output": "out", "out_dir": "out",
+            "output_dir": "out", "train_manifest": "train", "val_manifest": "val", "lora_rank": "rank", "r": "rank",
+            "lora_alpha": "alpha", "lora_dropout": "dropout", "use_dora": "dora", "target_modules": "targets"}
+
+
+def _check_yaml_keys(path, data: dict) -> None:
+    """Unknown keys are an error (a typo would silently train with the default), with the valid ones listed."""
+    import difflib
+
+    valid = sorted(set(TrainArgs.__dataclass_fields__) | set(PATH_KEYS))
+    problems = []
+    for key in data:
+        if key in valid:
+            continue
+        if key in _DECODING_KEYS:
+            problems.append(f"{key} (a decoding option: give it on the command line, --{key.replace('_', '-')})")
+            continue
+        close = [_ALIASES[key]] if key in _ALIASES else difflib.get_close_matches(key, valid, n=1)
+        problems.append(f"{key}" + (f" (did you mean {close[0]}?)" if close else ""))
+    if problems:
+        raise TrainingError(f"{path}: unknown option(s) {'; '.join(problems)}. Valid keys: {', '.join(valid)}")
 
 
 def resolve_args(cli: dict, config_file=None, resume=None) -> tuple[TrainArgs, dict]:
@@ -51,7 +79,10 @@ def resolve_args(cli: dict, config_file=None, resume=None) -> tuple[TrainArgs, d
         record = Path(resume) / "train_config.json"
         if not record.is_file():
             raise TrainingError(f"{resume}: not a training run (no train_config.json); pass the run folder")
-        prev = json.loads(record.read_text())
+        try:
+            prev = json.loads(record.read_text(encoding="utf-8"))
+        except ValueError as e:
+            raise TrainingError(f"{record}: not valid JSON ({e}); the run cannot be resumed, start a new one") from e
         merged.update(prev.get("train_args", {}))
         merged["model"] = prev.get("model", {}).get("path")
         for name, rec in (prev.get("manifests") or {}).items():
@@ -262,7 +293,21 @@ def run_training(cli: dict, *, config_file=None, resume=None, fuse: bool = False
 
     Returns:
         dict(summary=train summary, evals=final eval summaries, decision=..., report=path).
+
+    Raises:
+        RunLockedError: another live process is training into the same run folder.
+        TrainingError: bad options or data, or the run diverged (report.md is written first).
     """
+    t0 = time.perf_counter()
+    args, paths = resolve_args(cli, config_file, resume)
+    # Two trainings into one folder would interleave metrics.jsonl and overwrite each other's adapters.
+    with run_lock(Path(paths["out"]), "train", log=log):
+        return _run_training(args, paths, t0, resume=resume, fuse=fuse, decoding=decoding,
+                             skip_invalid=skip_invalid, log=log)
+
+
+def _run_training(args: TrainArgs, paths: dict, t0: float, *, resume, fuse: bool, decoding, skip_invalid: bool,
+                  log: Callable[[str], None]) -> dict:
     from .adapters import fuse_model, load_adapters
     from .data import load_manifest
     from .decoding import DecodingOptions
@@ -270,8 +315,6 @@ def run_training(cli: dict, *, config_file=None, resume=None, fuse: bool = False
     from .trainer import train
     from .train_state import BEST
 
-    t0 = time.perf_counter()
-    args, paths = resolve_args(cli, config_file, resume)
     decoding = decoding or DecodingOptions()
     run = Path(paths["out"])
     if resume is not None:
@@ -284,9 +327,17 @@ def run_training(cli: dict, *, config_file=None, resume=None, fuse: bool = False
     sets = {k: load_manifest(paths[k], skip_invalid=skip_invalid) if paths.get(k) else None
             for k in ("train", "val", "heldout", "replay", "eval_test")}
     model, processor = load(paths["model"])
-    summary = train(model, processor, sets["train"], sets["val"], args, run_dir=run, heldout_set=sets["heldout"],
-                    replay_set=sets["replay"], decoding=decoding, resume=resume is not None, log=log,
-                    record=dict(paths={k: (str(v) if v else None) for k, v in paths.items()}))
+    try:
+        summary = train(model, processor, sets["train"], sets["val"], args, run_dir=run, heldout_set=sets["heldout"],
+                        replay_set=sets["replay"], decoding=decoding, resume=resume is not None, log=log,
+                        record=dict(paths={k: (str(v) if v else None) for k, v in paths.items()}))
+    except TrainingError as e:
+        if getattr(e, "summary", None) is None:
+            raise
+        # Diverged: the report says so (no final evaluation of a broken adapter), then the error stops the CLI.
+        e.summary["warnings"].append("no final evaluation: training diverged")
+        log(f"wrote {write_report(run, e.summary, args, paths, decoding, {}, time.perf_counter() - t0)}")
+        raise
     adapter_dir = run / BEST if (run / BEST / "adapters.safetensors").is_file() else run
     evals = final_eval(run, paths, decoding, adapter_dir, log=log)
     if fuse:
