@@ -229,7 +229,9 @@ def evaluate(model, processor, manifests: Sequence[str | Path], out_dir: str | P
         warned: dict[str, list] = {}  # manifest -> [id, warning] of the clips decoded in this call
         summaries, previous = {}, _previous_summaries(out_dir) if old is not None else {}
         with writing(pred_path):
-            pred_file = open(pred_path, "a", encoding="utf-8")
+            # Unbuffered: a batch's rows go out in one write, and a failed write leaves nothing for close()
+            # to retry (a close() error would replace the message that names this file).
+            pred_file = open(pred_path, "ab", buffering=0)
         with pred_file:
             for name, m in loaded.items():
                 samples = m.samples[:limit] if limit is not None else m.samples
@@ -247,6 +249,7 @@ def evaluate(model, processor, manifests: Sequence[str | Path], out_dir: str | P
                         decoded, bad = _decode_group(model, processor, group, options, batch_size, skip_invalid, name)
                         per_clip = (time.perf_counter() - t0) / max(len(decoded), 1)
                         failed += bad
+                        batch_rows = []
                         for s, res in decoded:
                             row = _score_row(name, s, res["text"], res["seconds"], res["truncated"], per_clip,
                                              normalizer)
@@ -256,10 +259,9 @@ def evaluate(model, processor, manifests: Sequence[str | Path], out_dir: str | P
                             for w in row.get("warnings", []):
                                 bar.write(f"warning: {w}", file=sys.stderr)
                                 warned.setdefault(name, []).append([s.id, w])
-                            with writing(pred_path):
-                                pred_file.write(json.dumps(row, ensure_ascii=False) + "\n")
+                            batch_rows.append(json.dumps(row, ensure_ascii=False) + "\n")
                         with writing(pred_path):
-                            pred_file.flush()
+                            _write_all(pred_file, "".join(batch_rows).encode("utf-8"))
                         bar.update(len(group))
                 finally:
                     bar.close()
@@ -278,6 +280,11 @@ def evaluate(model, processor, manifests: Sequence[str | Path], out_dir: str | P
         summary = dict(run={**run, "updated": _now()}, manifests=summaries)
         atomic_write_json(out_dir / SUMMARY_FILE, summary)
     return summary
+
+
+def _write_all(f, data: bytes) -> None:
+    while data:  # a raw write may take only part of the data (e.g. at a file-size limit); the next one raises
+        data = data[f.write(data):]
 
 
 def _previous_summaries(out_dir: Path) -> dict:

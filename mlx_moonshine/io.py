@@ -65,6 +65,11 @@ def writing(path: Path) -> Iterator[None]:
         raise OutputError(_write_problem(Path(path), str(e).rstrip("."), None)) from e
 
 
+def staged_error(e: OutputError, tmp: Path, final: Path) -> OutputError:
+    """`e` with the staging folder `tmp` in its message replaced by the `final` folder the user asked for."""
+    return OutputError(str(e).replace(str(tmp), str(final)))
+
+
 def make_temp_dir(parent: Path, prefix: str) -> Path:
     """A fresh staging folder in `parent`, with the permissions mkdir gives (mkdtemp makes it 0700)."""
     parent = Path(parent)

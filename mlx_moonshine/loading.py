@@ -25,8 +25,8 @@ from typing import Optional
 import mlx.core as mx
 from mlx.utils import tree_flatten, tree_map
 
-from .errors import ModelError, MoonshineError
-from .io import make_temp_dir, sha256_file, writing
+from .errors import ModelError, MoonshineError, OutputError
+from .io import make_temp_dir, sha256_file, staged_error, writing
 from .tokenizer import Tokenizer
 
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
@@ -275,6 +275,9 @@ def save(model, processor: Processor, out_dir: str | Path, record: Optional[dict
             shutil.rmtree(backup, ignore_errors=True)
         else:
             os.replace(tmp, out_dir)
+    except OutputError as e:  # name the folder asked for, not the staging one
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise staged_error(e, tmp, out_dir) from e
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

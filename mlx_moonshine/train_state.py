@@ -29,8 +29,9 @@ import mlx.core as mx
 from mlx.utils import tree_flatten, tree_unflatten
 
 from .adapters import save_adapters
-from .io import (atomic_path, atomic_save_safetensors, atomic_write_json, atomic_write_text, make_temp_dir,
-                 sha256_file, writing)
+from .errors import OutputError
+from .io import (atomic_path, atomic_save_safetensors, atomic_write_bytes, atomic_write_json, atomic_write_text,
+                 make_temp_dir, sha256_file, staged_error, writing)
 
 CHECKPOINT = "checkpoint"
 BEST = "best"
@@ -100,6 +101,9 @@ def save_checkpoint(run: Path, model, config, optimizer, progress: TrainProgress
             saved=time.strftime("%Y-%m-%dT%H:%M:%S"))
         atomic_write_json(tmp / STATE_FILE, state)  # last: its presence marks a complete checkpoint
         _swap_in(tmp, run / CHECKPOINT)
+    except OutputError as e:  # name the folder the user knows, not the staging one
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise staged_error(e, tmp, run / CHECKPOINT) from e
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -127,6 +131,9 @@ def save_best(run: Path, model, config) -> None:
     try:
         save_adapters(tmp, model, config)
         _swap_in(tmp, Path(run) / BEST)
+    except OutputError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise staged_error(e, tmp, Path(run) / BEST) from e
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -234,8 +241,7 @@ def write_run_files(run: Path, model, processor, args, config, decoding, train_s
     atomic_write_json(run / "preprocessor_config.json", processor.audio.to_preprocessor_config(pre))
     for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
         if (model_dir / name).is_file():
-            shutil.copy2(model_dir / name, run / f".{name}.tmp")
-            os.replace(run / f".{name}.tmp", run / name)
+            atomic_write_bytes(run / name, (model_dir / name).read_bytes())
     previous = {}
     if (run / "train_config.json").is_file():
         previous = json.loads((run / "train_config.json").read_text())

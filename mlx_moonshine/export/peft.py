@@ -31,10 +31,10 @@ from typing import Optional, Union
 import mlx.core as mx
 import mlx.nn as nn
 
-from ..adapters import _PATH, CONFIG_FILE, WEIGHTS_FILE, AdapterConfig
+from ..adapters import _PATH, CONFIG_FILE, WEIGHTS_FILE, AdapterConfig, check_not_peft
 from ..dora import DoRALinear
-from ..errors import ModelError
-from ..io import atomic_save_safetensors, atomic_write_json, make_temp_dir
+from ..errors import ModelError, OutputError
+from ..io import atomic_save_safetensors, atomic_write_json, make_temp_dir, staged_error
 from ..lora import LoRALinear
 
 PEFT_CONFIG = "adapter_config.json"
@@ -69,6 +69,7 @@ def resolve_adapter(source: PathLike, best: bool = False) -> tuple[Path, Path]:
                              "drop --best to export the final adapter")
     missing = [n for n in (CONFIG_FILE, WEIGHTS_FILE) if not (src / n).is_file()]
     if missing:
+        check_not_peft(src)
         raise ModelError(f"{src} lacks {' and '.join(missing)}; pass a training run folder or an adapter "
                          "folder written by save_adapters()")
     return src / CONFIG_FILE, src / WEIGHTS_FILE
@@ -222,6 +223,9 @@ def export_peft(adapter_dir_or_run: PathLike, out_dir: PathLike, base_model_name
         atomic_save_safetensors(tmp / PEFT_WEIGHTS, tensors, metadata={"format": "pt"})
         atomic_write_json(tmp / PEFT_CONFIG, peft_config_dict(config, r, alpha, base_model_name_or_path))
         swap_dir(tmp, out_dir)
+    except OutputError as e:  # name the folder asked for, not the staging one
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise staged_error(e, tmp, out_dir) from e
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -377,6 +381,9 @@ def import_peft(peft_dir: PathLike, out_dir: PathLike, *, force: bool = False,
         if model_dir is not None:
             check_against_model(model_dir, tmp / CONFIG_FILE, tmp / WEIGHTS_FILE, name=peft_dir)
         swap_dir(tmp, out_dir)
+    except OutputError as e:  # name the folder asked for, not the staging one
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise staged_error(e, tmp, out_dir) from e
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
