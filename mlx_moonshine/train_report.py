@@ -99,7 +99,12 @@ def resolve_args(cli: dict, config_file=None, resume=None) -> tuple[TrainArgs, d
     if missing:
         flags = ", ".join("-o" if k == "out" else f"--{k}" for k in missing)
         raise TrainingError(f"missing {flags} (give it on the command line or in the -c YAML file)")
-    return TrainArgs.from_dict(merged), paths
+    try:
+        return TrainArgs.from_dict(merged), paths
+    except TrainingError as e:
+        if config_file is None:
+            raise
+        raise TrainingError(f"{e} (options come from the command line and {config_file})") from e
 
 
 def _default_replay(paths: dict, merged: dict) -> None:
