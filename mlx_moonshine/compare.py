@@ -39,6 +39,12 @@ def _load_run(run_dir: str | Path) -> tuple[dict, dict, dict]:
         if not isinstance(parts[-1], dict):
             raise EvalError(f"{path}: not an `mlx-moonshine eval` file (expected a JSON object); "
                             "re-run eval into a new folder")
+    manifests = parts[1].get("manifests")
+    bad = ([] if isinstance(manifests, dict) else ["manifests"]) + [
+        name for name, m in (manifests or {}).items() if not isinstance(m, dict) or not {"wer", "cer", "n"} <= set(m)]
+    if bad:
+        raise EvalError(f"{run_dir / SUMMARY_FILE}: no WER/CER/n for {', '.join(map(str, bad))}; "
+                        "re-run eval with the same -o to rewrite it")
     rows = {}
     pred = run_dir / PREDICTIONS_FILE
     if pred.is_file():

@@ -29,7 +29,7 @@ import mlx.core as mx
 from mlx.utils import tree_flatten, tree_unflatten
 
 from .adapters import save_adapters
-from .errors import OutputError
+from .errors import MoonshineError, OutputError
 from .io import (atomic_path, atomic_save_safetensors, atomic_write_bytes, atomic_write_json, atomic_write_text,
                  make_temp_dir, sha256_file, staged_error, writing)
 
@@ -37,6 +37,10 @@ CHECKPOINT = "checkpoint"
 BEST = "best"
 STATE_FILE = "state.json"
 METRICS = "metrics.jsonl"
+
+
+class CheckpointError(MoonshineError):
+    """A checkpoint that cannot be read back."""
 
 
 @dataclass
@@ -112,8 +116,12 @@ def save_checkpoint(run: Path, model, config, optimizer, progress: TrainProgress
 
 def restore(checkpoint: Path, optimizer, model, args, warnings: list) -> TrainProgress:
     """Load optimizer state, RNG key and progress from `checkpoint` (adapters are loaded by the caller)."""
-    state = json.loads((checkpoint / STATE_FILE).read_text())
-    flat = mx.load(str(checkpoint / "optimizer.safetensors"))
+    try:
+        state = json.loads((checkpoint / STATE_FILE).read_text(encoding="utf-8"))
+        flat = mx.load(str(checkpoint / "optimizer.safetensors"))
+    except (OSError, ValueError, RuntimeError) as e:  # RuntimeError: MLX on a damaged safetensors file
+        raise CheckpointError(f"{checkpoint}: damaged checkpoint ({e}); it cannot be resumed: start a new run "
+                              "with another -o") from e
     optimizer.state = tree_unflatten(list(flat.items()))
     optimizer.init(model.trainable_parameters())  # keeps the loaded moments, marks it initialised
     hi, lo = state["random_key"]

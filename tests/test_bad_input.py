@@ -316,6 +316,12 @@ CASES = [
          ("config.json", "hidden_size", "sixty-four")),
     Case("transcribe-config-not-json", lambda e, t: ["transcribe", "--model", _broken_config(e, t), e["clip"]],
          ("config.json", "not valid JSON")),
+    Case("transcribe-tokenizer-not-json", lambda e, t: ["transcribe", "--model", _broken_file(_model_with_config(e, t), "tokenizer.json"),
+                                                        e["clip"]], ("tokenizer.json",)),
+    Case("transcribe-weights-truncated", lambda e, t: ["transcribe", "--model", _broken_file(_model_with_config(e, t), "model.safetensors"),
+                                                       e["clip"]], ("model.safetensors", "corrupt")),
+    Case("transcribe-audio-is-folder", lambda e, t: ["transcribe", "--model", e["model"], _mkdir(t / "clips.wav")],
+         ("clips.wav", "not a file")),
     Case("transcribe-beam-size-zero", lambda e, t: ["transcribe", "--model", e["model"], "--beam-size", 0, e["clip"]],
          ("--beam-size",)),
     Case("transcribe-model-missing", lambda e, t: ["transcribe", "--model", t / "nomodel", e["clip"]], ("nomodel",)),
@@ -343,6 +349,8 @@ CASES = [
     Case("compare-missing-run", lambda e, t: ["compare", e["baseline"], t / "nothing"], ("nothing", "no such run folder")),
     Case("compare-summary-not-json", lambda e, t: ["compare", e["baseline"], _broken_summary(e, t)],
          ("summary.json", "not valid JSON")),
+    Case("compare-summary-without-wer", lambda e, t: ["compare", _edited_summary(e, t), e["baseline"]],
+         ("summary.json", "val", "re-run eval")),
     # train
     Case("train-yaml-unknown-keys", lambda e, t: _train(e, t, yaml=_yaml(t, "learning_rate: 0.01\nbogus_key: 1\n")),
          ("bad.yaml", "learning_rate (did you mean lr?)", "bogus_key", "Valid keys", "max_steps"),
@@ -355,6 +363,12 @@ CASES = [
     Case("train-every-clip-too-long", lambda e, t: _train(e, t, "--max-seconds", 0.1), ("max_seconds=0.1", "--max-seconds")),
     Case("train-into-existing-run", lambda e, t: _train(e, t)[:-1] + [e["run"]], ("already holds a training run", "--resume")),
     Case("train-resume-not-a-run", lambda e, t: ["train", "--resume", _mkdir(t / "empty")], ("empty", "train_config.json")),
+    Case("train-resume-damaged-optimizer", lambda e, t: ["train", "--resume", _damaged_run(e, t, "checkpoint/optimizer.safetensors")],
+         ("checkpoint", "damaged checkpoint", "another -o")),
+    Case("train-resume-damaged-state", lambda e, t: ["train", "--resume", _damaged_run(e, t, "checkpoint/state.json")],
+         ("checkpoint", "damaged checkpoint")),
+    Case("train-resume-damaged-config", lambda e, t: ["train", "--resume", _damaged_run(e, t, "train_config.json")],
+         ("train_config.json", "not valid JSON")),
     Case("train-missing-val", lambda e, t: ["train", "--model", e["model"], "--train", e["train"], "-o", t / "r"], ("--val",)),
     Case("train-dropout-out-of-range", lambda e, t: _train(e, t, "--dropout", 1.5), ("--dropout",)),
     # convert, export, import, fuse
@@ -395,6 +409,28 @@ def _broken_config(e, t):
     m = _model_with_config(e, t)
     (m / "config.json").write_text("{not json")
     return m
+
+
+def _broken_file(folder: Path, name: str) -> Path:
+    """`folder` with its file `name` cut to a third (a copy that did not finish)."""
+    f = folder / name
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 3])
+    return folder
+
+
+def _damaged_run(e, t, name: str) -> Path:
+    run = t / "run"
+    shutil.copytree(e["run"], run)
+    return _broken_file(run, name)
+
+
+def _edited_summary(e, t):
+    b = t / "A"
+    shutil.copytree(e["baseline"], b)
+    summary = json.loads((b / "summary.json").read_text())
+    del summary["manifests"]["val"]["wer"]
+    (b / "summary.json").write_text(json.dumps(summary))
+    return b
 
 
 def _broken_summary(e, t):
