@@ -108,7 +108,8 @@ def _config_problems(config: dict, args_cls) -> list[str]:
             problems.append(f"{f.name}: {v!r} is not a whole number")
         elif base == "int" and isinstance(v, (int, float)) and v < 1 and f.name.endswith(_SIZE_SUFFIXES):
             problems.append(f"{f.name}: {v!r} must be >= 1")
-        elif base == "float" and (isinstance(v, (str, bool, dict, list)) or isinstance(v, float) and not math.isfinite(v)):
+        elif base == "float" and (isinstance(v, (str, bool, dict, list))
+                                  or isinstance(v, float) and not math.isfinite(v)):
             problems.append(f"{f.name}: {v!r} is not a number")
         elif base == "bool" and not isinstance(v, (bool, int)):
             problems.append(f"{f.name}: {v!r} is not true/false")
@@ -140,7 +141,8 @@ def build_model(config: dict, source: str | Path = "config.json"):
     except MoonshineError:
         raise
     except Exception as e:  # MLX raises TypeError/ValueError/RuntimeError on impossible sizes
-        raise ModelError(f"{source}: cannot build a model from it ({type(e).__name__}: {str(e).splitlines()[0]})") from e
+        first_line = str(e).splitlines()[0] if str(e) else ""
+        raise ModelError(f"{source}: cannot build a model from it ({type(e).__name__}: {first_line})") from e
 
 
 def load_model(model_dir: Path, dtype: Optional[str] = None):

@@ -419,7 +419,8 @@ def train(model, processor, train_set, val_set, args: TrainArgs, *, run_dir=None
             p.skipped += 1
             p.nonfinite_run += 1
             if p.nonfinite_run >= args.max_nonfinite:
-                stop_reason = f"diverged: loss or gradient was not finite for {p.nonfinite_run} steps in a row (step {p.step})"
+                stop_reason = (f"diverged: loss or gradient was not finite for {p.nonfinite_run} steps in a row "
+                               f"(step {p.step})")
                 log(stop_reason)
                 break
         else:
@@ -477,7 +478,7 @@ def train(model, processor, train_set, val_set, args: TrainArgs, *, run_dir=None
     p.elapsed += time.perf_counter() - tic_run
     if p.last_val is None or p.last_val["step"] != p.step:  # resumed after the final step, or max_steps 0
         p.last_val = validate(p.step)
-    warnings += _health_warnings(p, stop_reason)
+    warnings += _health_warnings(p, stop_reason, run / ts.BEST)
     ts.save_checkpoint(run, model, config, optimizer, p, args)
     writer.plot()
     model.eval()
@@ -494,18 +495,19 @@ def train(model, processor, train_set, val_set, args: TrainArgs, *, run_dir=None
         mx.set_cache_limit(restore_cache)
     if stop_reason.startswith("diverged"):
         err = TrainingError(f"training stopped, {stop_reason}; lower --lr (it was {args.lr:g}), use --dtype float32, "
-                            f"or check the data. {run} keeps the best finite adapter in {ts.BEST}/ "
-                            "and its summary says so")
+                            f"or check the data ({run / 'summary.json'} and report.md say so)")
         err.summary = summary  # run_training still writes report.md from it
         raise err
     return summary
 
 
-def _health_warnings(p, stop_reason: str) -> list[str]:
+def _health_warnings(p, stop_reason: str, best_dir: Path) -> list[str]:
     """What report.md and summary.json must say about a run whose numbers went non-finite."""
     out = []
     if stop_reason.startswith("diverged"):
-        out.append(f"training {stop_reason}; the final adapter is not usable, best/ holds the last finite one")
+        kept = (f"{best_dir} holds the adapter of step {p.best['step']} (the best validation)"
+                if (best_dir / "adapters.safetensors").is_file() and p.best else "no validation improved on step 0")
+        out.append(f"training {stop_reason}; {kept}")
     if p.skipped:
         out.append(f"{p.skipped} of {p.step} steps had a non-finite loss or gradient and changed nothing; "
                    "lower --lr or use --dtype float32")
