@@ -273,6 +273,13 @@ def _expected_shapes(model: nn.Module, config: AdapterConfig, paths: list[str]):
     return expected, absent
 
 
+def check_not_peft(path: Path) -> None:
+    """Raise a ModelError saying how to convert it when `path` holds a PEFT adapter, not one of ours."""
+    if (path / "adapter_model.safetensors").is_file() or (path / "adapter_model.bin").is_file():
+        raise ModelError(f"{path} is a PEFT adapter (adapter_model.*), not an mlx-moonshine one; convert it with "
+                         f"`mlx-moonshine import peft {path} -o ADAPTER_DIR` and pass ADAPTER_DIR")
+
+
 def load_adapters(model: nn.Module, path: Union[str, Path]) -> AdapterConfig:
     """Apply the adapters saved in directory `path` to `model` and load their weights.
 
@@ -286,11 +293,17 @@ def load_adapters(model: nn.Module, path: Union[str, Path]) -> AdapterConfig:
             missing and unexpected tensors, wrong shapes with the shape this model expects).
     """
     path = Path(path)
+    if not path.exists():
+        raise ModelError(f"{path}: no such adapter folder; pass a training run folder (train -o) or an adapter "
+                         "folder (adapter_config.json + adapters.safetensors)")
+    if not path.is_dir():
+        raise ModelError(f"{path}: is a file; pass the folder that holds adapter_config.json and adapters.safetensors")
     config_file, weights_file = path / CONFIG_FILE, path / WEIGHTS_FILE
     missing_files = [f.name for f in (config_file, weights_file) if not f.is_file()]
     if missing_files:
+        check_not_peft(path)
         raise ModelError(f"adapter directory {path} lacks {' and '.join(missing_files)}; "
-                         "point to a directory written by save_adapters()")
+                         "point to a training run folder or a directory written by save_adapters()")
     config = AdapterConfig.from_json(config_file)
     try:
         weights = mx.load(str(weights_file))

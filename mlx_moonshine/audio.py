@@ -8,7 +8,9 @@ Moonshine consumes raw samples (no mel spectrogram), so this is the whole front 
 from __future__ import annotations
 
 import shutil
+import struct
 import subprocess
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Union
@@ -35,6 +37,42 @@ _FFMPEG_SUFFIXES = {".mp3", ".m4a", ".aac", ".mp4", ".webm", ".wma", ".opus", ".
 PREPROCESSOR_KEY = "mlx_moonshine_audio_normalization"
 
 AudioSource = Union[str, Path, np.ndarray, "tuple[np.ndarray, int]"]
+
+
+class AudioWarning(UserWarning):
+    """Audio that loads but is not what its file says (e.g. truncated): transcribed, with a warning."""
+
+
+def _wav_declared_frames(path: Path) -> int | None:
+    """Frames a RIFF/WAVE header declares for its data chunk (libsndfile reports only those present)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(12)
+            if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
+                return None
+            block_align = None
+            while True:
+                chunk = f.read(8)
+                if len(chunk) < 8:
+                    return None
+                cid, size = chunk[:4], struct.unpack("<I", chunk[4:])[0]
+                if cid == b"fmt ":
+                    fmt = f.read(size + size % 2)
+                    block_align = struct.unpack("<H", fmt[12:14])[0] if len(fmt) >= 14 else None
+                elif cid == b"data":
+                    # 0 and 0xFFFFFFFF are what streaming writers leave when they never patch the size.
+                    return size // block_align if block_align and size not in (0, 0xFFFFFFFF) else None
+                else:
+                    f.seek(size + size % 2, 1)
+    except (OSError, struct.error):
+        return None
+
+
+def _warn_if_truncated(path: Path, frames_read: int, sample_rate: int, declared: int | None) -> None:
+    if declared is not None and frames_read < declared:
+        warnings.warn(AudioWarning(
+            f"{path}: truncated: its header declares {declared / sample_rate:.2f} s but the file holds "
+            f"{frames_read / sample_rate:.2f} s; only that part is transcribed; re-copy or re-export the file"))
 
 
 @dataclass(frozen=True)
@@ -192,7 +230,9 @@ def load_audio(path: str | Path, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
     if path.stat().st_size == 0:
         raise AudioError(f"{path}: file is empty (0 bytes); re-export or remove it")
     try:
-        x, sr = sf.read(str(path), dtype="float32", always_2d=True)
+        with sf.SoundFile(str(path)) as f:
+            declared, sr = f.frames, f.samplerate
+            x = f.read(dtype="float32", always_2d=True)
     except (sf.LibsndfileError, RuntimeError, TypeError) as e:
         if path.suffix.lower() in _FFMPEG_SUFFIXES and shutil.which("ffmpeg"):
             return _check_samples(_decode_ffmpeg(path, sample_rate), str(path))
@@ -202,6 +242,7 @@ def load_audio(path: str | Path, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
         hint = " or install ffmpeg" if path.suffix.lower() in _FFMPEG_SUFFIXES else ""
         raise AudioError(f"{path}: cannot read audio ({e}); the file may be corrupt or an unsupported "
                          f"format: convert it to WAV/FLAC{hint}") from e
+    _warn_if_truncated(path, len(x), sr, _wav_declared_frames(path) or declared)
     x = resample(np.ascontiguousarray(x.mean(axis=1)), sr, sample_rate)  # (N, C) -> (N,)
     return _check_samples(x, str(path))
 

@@ -7,6 +7,7 @@ and exit code 2 (see `_run`).
 from __future__ import annotations
 
 import sys
+import warnings
 from pathlib import Path
 
 import click
@@ -40,6 +41,18 @@ def _run(fn, *args, **kwargs):
 )
 def main():
     """Moonshine speech recognition in MLX: convert, transcribe, evaluate, adapt (LoRA/DoRA), export."""
+    warnings.showwarning = _show_warning
+
+
+_python_showwarning = warnings.showwarning
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None):
+    """Our own warnings (truncated audio...) as one "warning: ..." line; others as Python prints them."""
+    if category.__module__.startswith("mlx_moonshine"):
+        click.echo(f"warning: {message}", err=True)
+    else:
+        _python_showwarning(message, category, filename, lineno, file, line)
 
 
 @main.command()
@@ -85,6 +98,13 @@ def decoding_options(fn):
     return fn
 
 
+def _warn_budget(options, model) -> None:
+    from .decoding import budget_warning
+
+    if (w := budget_warning(options, model)) is not None:
+        click.echo(f"warning: {w}", err=True)
+
+
 def _decoding_from_kwargs(kwargs: dict):
     from .decoding import DecodingOptions
 
@@ -106,15 +126,15 @@ def transcribe(model_path, adapter, audio, as_json, batch_size, **kwargs):
     import json
 
     options = _decoding_from_kwargs(kwargs)
-    from .audio import prepare_audio
     from .loading import load
     from .transcription import transcribe_clips
 
     model, processor = _run(load, model_path, adapter=adapter)
-    # Read every file first, so a bad file fails before any decoding.
-    arrays = [_run(prepare_audio, p, processor.audio) for p in audio]
-    results = _run(transcribe_clips, model, processor, arrays, options, batch_size)
+    _warn_budget(options, model)
+    results = _run(transcribe_clips, model, processor, list(audio), options, batch_size)
     for path, res in zip(audio, results):
+        for w in res.get("warnings", []):
+            click.echo(f"warning: {w}", err=True)
         if as_json:
             click.echo(json.dumps({"audio": str(path), **res, "decoding": options.to_dict(),
                                    "audio_normalization": processor.audio.to_dict()}))
@@ -159,6 +179,7 @@ def eval_cmd(model_path, adapter, manifests, out_dir, batch_size, skip_invalid, 
     for m in manifests:
         _run(load_manifest, m, skip_invalid=skip_invalid)
     model, processor = _run(load, model_path, adapter=adapter)
+    _warn_budget(options, model)
     summary = _run(evaluate, model, processor, list(manifests), out_dir, options=options, batch_size=batch_size,
                    skip_invalid=skip_invalid, model_path=_run(resolve_model_dir, model_path),
                    adapter_path=adapter, progress=not quiet, limit=limit, force=force)
@@ -259,6 +280,8 @@ def compare_cmd(run_a, run_b, heldout, canary, **kwargs):
 @click.option("--max-minutes", default=None, type=click.FloatRange(min=0, min_open=True),
               help="Stop training after this many minutes (checked every step).")
 @click.option("--dtype", default=None, type=click.Choice(["float32", "float16", "bfloat16"]))
+@click.option("--max-seconds", default=None, type=click.FloatRange(min=0, min_open=True),
+              help="Leave out training clips longer than this (default 30; max_seconds: null in YAML keeps all).")
 @click.option("--augment", default=None, help="Comma list of noise, speed, timemask (default: off).")
 @click.option("--grad-checkpoint/--no-grad-checkpoint", default=None)
 @click.option("--resume", default=None, type=click.Path(file_okay=False, path_type=Path),
@@ -320,12 +343,14 @@ def manifest_stats_cmd(manifest_path: Path, skip_invalid: bool):
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--skip-invalid", is_flag=True, help="Leave bad rows out instead of stopping.")
 @click.option("-o", "--out-dir", required=True, type=click.Path(file_okay=False, path_type=Path))
-def manifest_split_cmd(manifest_path, ratios, by, quick, seed, skip_invalid, out_dir):
+@click.option("--force", is_flag=True, help="Remove split files of an earlier split in OUT_DIR that this one "
+                                            "would not rewrite.")
+def manifest_split_cmd(manifest_path, ratios, by, quick, seed, skip_invalid, out_dir, force):
     """Split MANIFEST into train/val/test JSONL files in OUT_DIR (deterministic per seed)."""
     from .data import load_manifest, split_manifest
 
     m = _run(load_manifest, manifest_path, skip_invalid=skip_invalid)
-    written = _run(split_manifest, m, out_dir, ratios=ratios, by=by, quick=quick, seed=seed)
+    written = _run(split_manifest, m, out_dir, ratios=ratios, by=by, quick=quick, seed=seed, force=force)
     if m.skipped:
         click.echo(f"skipped {len(m.skipped)} bad rows", err=True)
     for name, path in written.items():

@@ -37,14 +37,35 @@ def _load_run(run_dir: str | Path) -> tuple[dict, dict, dict]:
             parts.append(json.loads(path.read_text(encoding="utf-8")))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise EvalError(f"{path}: not valid JSON ({e}); re-run eval into a new folder") from e
+        if not isinstance(parts[-1], dict):
+            raise EvalError(f"{path}: not an `mlx-moonshine eval` file (expected a JSON object); "
+                            "re-run eval into a new folder")
+    manifests = parts[1].get("manifests")
+    bad = ([] if isinstance(manifests, dict) else ["manifests"]) + [
+        name for name, m in (manifests or {}).items() if not isinstance(m, dict) or not {"wer", "cer", "n"} <= set(m)]
+    if bad:
+        raise EvalError(f"{run_dir / SUMMARY_FILE}: no WER/CER/n for {', '.join(map(str, bad))}; "
+                        "re-run eval with the same -o to rewrite it")
     rows = {}
     pred = run_dir / PREDICTIONS_FILE
     if pred.is_file():
-        for line in pred.read_text(encoding="utf-8").splitlines():
+        try:
+            text = pred.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise EvalError(f"{pred}: not UTF-8 text ({e.reason}); re-run eval into a new folder") from e
+        for i, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
             try:
                 r = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a torn last line of an interrupted run
+            except json.JSONDecodeError as e:
+                # A torn line (an interrupted eval): per-sample numbers would silently miss that row.
+                raise EvalError(f"{pred}: line {i} is incomplete or not JSON ({e.msg}); finish the run with "
+                                f"`mlx-moonshine eval` and the same -o {run_dir} (it repairs the file), "
+                                "then compare again") from e
+            if not isinstance(r, dict):
+                raise EvalError(f"{pred}: line {i} is not a prediction row (a JSON object); "
+                                "re-run eval into a new folder")
             rows[(r.get("manifest"), str(r.get("id")))] = r
     return parts[0], parts[1], rows
 

@@ -11,6 +11,7 @@ is decoded), and reports every bad row in one `ManifestError`.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import os
@@ -66,12 +67,25 @@ class Manifest:
         return len(self.samples)
 
 
+def _read_text(path: Path) -> str:
+    """The manifest as text: UTF-8, with or without a byte-order mark (Excel writes one)."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise ManifestError(
+            f"{path}: line {line} is not UTF-8 (byte 0x{data[e.start]:02x}); manifests must be UTF-8 text: "
+            f"re-save it as UTF-8 (e.g. `iconv -f latin1 -t utf-8 {path.name} > {path.stem}-utf8{path.suffix}`)"
+        ) from None
+
+
 def _read_rows(path: Path) -> Iterator[tuple[int, dict | None, str | None]]:
     """Yield (1-based line number, row or None, parse problem or None)."""
     fmt = _FORMATS.get(path.suffix.lower())
     if fmt is None:
         raise ManifestError(f"{path}: unknown manifest type '{path.suffix}'; use .jsonl, .csv or .tsv")
-    with open(path, encoding="utf-8", newline="") as f:
+    with io.StringIO(_read_text(path), newline="") as f:
         if fmt == "jsonl":
             for i, line in enumerate(f, 1):
                 if not line.strip():
@@ -110,15 +124,52 @@ def _audio_duration(path: Path) -> float:
     return info.frames / info.samplerate
 
 
+def _check_audio_file(path: Path) -> tuple[float | None, str | None]:
+    """(seconds from the header, problem or None): what `audio.load_audio` would refuse, found up front.
+
+    Only the header is read, except for float WAV/FLAC (the only kinds that can hold NaN), whose samples
+    are scanned in blocks for NaN/inf.
+    """
+    import numpy as np
+    import soundfile as sf
+
+    from .audio import MIN_SAMPLES, SAMPLE_RATE
+
+    if path.stat().st_size == 0:
+        return None, f"audio file is empty (0 bytes): {path}"
+    try:
+        info = sf.info(str(path))
+    except Exception as e:  # soundfile raises LibsndfileError/RuntimeError/TypeError by format
+        return None, f"audio file unreadable: {path} ({e})"
+    if info.samplerate <= 0 or info.frames <= 0:
+        return None, f"audio file holds no samples: {path}"
+    seconds = info.frames / info.samplerate
+    if seconds * SAMPLE_RATE < MIN_SAMPLES:
+        return seconds, (f"audio is too short: {path} is {seconds * 1000:.0f} ms, Moonshine's encoder needs "
+                         f"at least {MIN_SAMPLES / SAMPLE_RATE * 1000:.0f} ms")
+    if info.subtype in ("FLOAT", "DOUBLE"):
+        try:
+            for block in sf.blocks(str(path), blocksize=1 << 16, dtype="float32"):
+                if not np.isfinite(block).all():
+                    return seconds, f"audio contains NaN or infinite samples: {path}; re-export the file"
+        except Exception as e:
+            return seconds, f"audio file unreadable: {path} ({e})"
+    return seconds, None
+
+
 def _row_to_sample(line: int, row: dict, base: Path, check_audio: bool,
                    max_seconds: float | None) -> tuple[Sample | None, list[str]]:
     problems = []
     audio, text = row.get("audio"), row.get("text")
-    if not isinstance(audio, str) or not audio.strip():
+    if audio is not None and not isinstance(audio, str):
+        problems.append(f"'audio' must be a path string, got {type(audio).__name__} {audio!r:.40}")
+    elif not audio or not audio.strip():
         problems.append("missing 'audio' path")
     if text is None:
         problems.append("missing 'text'")
-    elif not isinstance(text, str) or not text.strip():
+    elif not isinstance(text, str):
+        problems.append(f"'text' must be a string, got {type(text).__name__} {text!r:.40}; quote it in the manifest")
+    elif not text.strip():
         problems.append("'text' is empty (must be a non-empty string)")
     duration = row.get("duration")
     if duration is not None:
@@ -136,10 +187,9 @@ def _row_to_sample(line: int, row: dict, base: Path, check_audio: bool,
     if check_audio:
         if not audio_path.is_file():
             return None, [f"audio file not found: {audio_path}"]
-        try:
-            file_duration = _audio_duration(audio_path)
-        except Exception as e:  # soundfile raises LibsndfileError/RuntimeError/TypeError by format
-            return None, [f"audio file unreadable: {audio_path} ({e})"]
+        file_duration, problem = _check_audio_file(audio_path)
+        if problem:
+            return None, [problem]
         duration = duration if duration is not None else file_duration
     if max_seconds is not None and duration is not None and duration > max_seconds:
         return None, [f"audio is {duration:.1f} s, longer than max_seconds={max_seconds:g}"]
@@ -235,7 +285,7 @@ def _split_counts(n: int, ratios: list[float]) -> list[int]:
 
 def split_manifest(manifest: Manifest | str | Path, out_dir: str | Path,
                    ratios: tuple[float, ...] = (80, 10, 10), by: str | None = None,
-                   quick: int = 50, seed: int = 0) -> dict[str, Path]:
+                   quick: int = 50, seed: int = 0, force: bool = False) -> dict[str, Path]:
     """Split a manifest into train/val/test JSONL files (plus a small `quick` subset of train).
 
     Deterministic for a given seed. Splits with ratio 0 are not written.
@@ -247,6 +297,8 @@ def split_manifest(manifest: Manifest | str | Path, out_dir: str | Path,
         by: None for a row-level split, or "speaker" so that no speaker is in two splits.
         quick: Rows in quick.jsonl (a random subset of train); 0 to skip it.
         seed: Shuffle seed.
+        force: Remove split files of an earlier split in `out_dir` that this one would not rewrite
+            (without it, such files are refused: an old test.jsonl next to a new val.jsonl shares rows).
 
     Returns:
         Split name -> written path.
@@ -293,6 +345,7 @@ def split_manifest(manifest: Manifest | str | Path, out_dir: str | Path,
         what = f"{len(by_spk)} speakers" if by == "speaker" else f"{len(order)} rows"
         raise ManifestError(f"{m.path}: {what} are too few for ratios {ratios}: {', '.join(empty)} "
                             "would be empty; add data or change --ratios")
+    _clear_old_splits(out_dir, [n for n, r in zip(names, ratios) if r > 0] + (["quick"] if quick > 0 else []), force)
     written = {}
     for name, group, r in zip(names, groups, ratios):
         if r > 0:
@@ -302,6 +355,17 @@ def split_manifest(manifest: Manifest | str | Path, out_dir: str | Path,
         pick = sorted(train[:quick]) if by is None else sorted(rng.sample(train, min(quick, len(train))))
         written["quick"] = write_manifest([m.samples[i] for i in pick], out_dir / "quick.jsonl")
     return written
+
+
+def _clear_old_splits(out_dir: Path, writing: list[str], force: bool) -> None:
+    stale = [out_dir / f"{n}.jsonl" for n in (*SPLIT_NAMES, "quick") if n not in writing]
+    stale = [p for p in stale if p.exists()]
+    if stale and not force:
+        raise ManifestError(
+            f"{out_dir} holds {', '.join(p.name for p in stale)} from an earlier split, which this split would "
+            "not replace (its rows may overlap the new splits); use another --out-dir, or --force to remove them")
+    for p in stale:
+        p.unlink()
 
 
 def sample_duration(s: Sample) -> float:

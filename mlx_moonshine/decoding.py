@@ -27,6 +27,27 @@ class DecodingError(MoonshineError):
     """Invalid decoding options."""
 
 
+def _finite(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def decoder_token_limit(model) -> Optional[int]:
+    """Most tokens the decoder was built for (its position table), or None if it states none."""
+    args = getattr(model, "args", None)
+    if getattr(args, "model_type", None) == "moonshine":
+        return int(args.max_position_embeddings)
+    return None  # Moonshine Streaming's max_position_embeddings counts encoder frames, not tokens
+
+
+def budget_warning(options: "DecodingOptions", model) -> Optional[str]:
+    """A warning when the user asked for more new tokens than the decoder's limit (they get the limit)."""
+    limit = decoder_token_limit(model)
+    if limit is None or options.max_new_tokens <= limit or options.max_new_tokens == DecodingOptions.max_new_tokens:
+        return None
+    return (f"--max-new-tokens {options.max_new_tokens} is more than this model's decoder takes "
+            f"(max_position_embeddings {limit}); each transcript is capped at {limit} tokens")
+
+
 @dataclass(frozen=True)
 class DecodingOptions:
     beam_size: int = 1  # 1 = greedy
@@ -43,8 +64,10 @@ class DecodingOptions:
         problems = []
         if not isinstance(self.beam_size, int) or self.beam_size < 1:
             problems.append(f"beam_size must be an integer >= 1 (got {self.beam_size!r})")
-        if self.max_tokens_per_second <= 0:
-            problems.append(f"max_tokens_per_second must be > 0 (got {self.max_tokens_per_second})")
+        if not _finite(self.max_tokens_per_second) or self.max_tokens_per_second <= 0:
+            problems.append(f"max_tokens_per_second must be a finite number > 0 (got {self.max_tokens_per_second!r})")
+        if self.length_penalty is not None and not _finite(self.length_penalty):
+            problems.append(f"length_penalty must be a finite number or unset (got {self.length_penalty!r})")
         if self.max_new_tokens < 1:
             problems.append(f"max_new_tokens must be >= 1 (got {self.max_new_tokens})")
         if self.min_token_budget < 1:
@@ -223,6 +246,9 @@ def decode_batch(model, processor, audios: Sequence[np.ndarray],
     else:
         strategy = GreedyStrategy(n_audio, eos)
     budgets = np.repeat([options.token_budget(n / SAMPLE_RATE) for n in lengths], beam)
+    limit = decoder_token_limit(model)
+    if limit is not None:  # past its position table the decoder only loops, and its KV cache keeps growing
+        budgets = np.minimum(budgets, limit)
     cache = model.new_cache(memory, valid)
     tokens = np.full(n_audio * beam, start, dtype=np.int64)
     for step in range(int(budgets.max())):

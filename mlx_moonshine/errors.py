@@ -22,3 +22,11 @@ class ManifestError(MoonshineError):
 
 class ModelError(MoonshineError):
     """A model or adapter directory that cannot be loaded as asked."""
+
+
+class OutputError(MoonshineError):
+    """An output file that cannot be written (disk full, file-size limit, permissions)."""
+
+
+class RunLockedError(MoonshineError):
+    """A run folder that another live process is writing into."""

@@ -24,7 +24,7 @@ from typing import Optional, Sequence
 from .data import Sample, copy_manifest, load_manifest
 from .decoding import DecodingOptions
 from .errors import AudioError, MoonshineError
-from .io import atomic_write_json, atomic_write_text, sha256_file
+from .io import atomic_write_json, atomic_write_text, run_lock, sha256_file, writing
 from .metrics import TextNormalizer, corpus_scores, score
 
 RUN_FILE = "run.json"
@@ -211,60 +211,80 @@ def evaluate(model, processor, manifests: Sequence[str | Path], out_dir: str | P
         manifests={name: dict(source=str(m.path), sha256=m.sha256) for name, m in loaded.items()},
         mlx_moonshine_version=_version(),
     )
-    old = _check_resume(out_dir, run, force)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    pred_path = out_dir / PREDICTIONS_FILE
-    if old is None:
-        pred_path.unlink(missing_ok=True)
-        run["created"] = _now()
-    else:
-        run["created"] = old.get("created", _now())
-        run["manifests"] = {**old.get("manifests", {}), **run["manifests"]}
-    for name, m in loaded.items():
-        run["manifests"][name] = {**run["manifests"][name], **_copy_record(m.path, out_dir)}
-    atomic_write_json(out_dir / RUN_FILE, run)
-
-    rows = _read_predictions(pred_path)
-    summaries, previous = {}, _previous_summaries(out_dir) if old is not None else {}
-    with open(pred_path, "a", encoding="utf-8") as pred_file:
+    with run_lock(out_dir, "eval"):  # a second eval into this folder would write every id twice
+        old = _check_resume(out_dir, run, force)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        pred_path = out_dir / PREDICTIONS_FILE
+        if old is None:
+            pred_path.unlink(missing_ok=True)
+            run["created"] = _now()
+        else:
+            run["created"] = old.get("created", _now())
+            run["manifests"] = {**old.get("manifests", {}), **run["manifests"]}
         for name, m in loaded.items():
-            samples = m.samples[:limit] if limit is not None else m.samples
-            done = {r["id"]: r for r in rows if r.get("manifest") == name}
-            todo = sorted((s for s in samples if s.id not in done), key=_sample_length)
-            # Clips whose audio failed before stay skipped on resume (with skip_invalid), else are retried.
-            failed = [tuple(f) for f in previous.get(name, {}).get("failed_audio", [])] if skip_invalid else []
-            todo = [s for s in todo if s.id not in {i for i, _ in failed}]
-            bar = tqdm(total=len(samples), initial=len(samples) - len(todo), desc=name, unit="clip",
-                       file=sys.stderr, disable=not progress, dynamic_ncols=True)
-            try:
-                for b in range(0, len(todo), batch_size):
-                    group = todo[b:b + batch_size]
-                    t0 = time.perf_counter()
-                    decoded, bad = _decode_group(model, processor, group, options, batch_size, skip_invalid, name)
-                    per_clip = (time.perf_counter() - t0) / max(len(decoded), 1)
-                    failed += bad
-                    for s, res in decoded:
-                        row = _score_row(name, s, res["text"], res["seconds"], res["truncated"], per_clip,
-                                         normalizer)
-                        done[s.id] = row
-                        pred_file.write(json.dumps(row, ensure_ascii=False) + "\n")
-                    pred_file.flush()
-                    bar.update(len(group))
-            finally:
-                bar.close()
-            kept = [done[s.id] for s in samples if s.id in done]
-            summaries[name] = _manifest_summary(kept, run["manifests"][name], m.n_skipped + len(failed))
-            if failed:
-                summaries[name]["failed_audio"] = failed
-            if m.skipped:
-                summaries[name]["invalid_rows"] = [dict(line=line, reason=why) for line, why in m.skipped]
-            if limit is not None:
-                summaries[name]["limit"] = limit
-    # Manifests evaluated into this folder by an earlier call (same settings) stay in the summary.
-    summaries = {**{k: v for k, v in previous.items() if k not in summaries}, **summaries}
-    summary = dict(run={**run, "updated": _now()}, manifests=summaries)
-    atomic_write_json(out_dir / SUMMARY_FILE, summary)
+            run["manifests"][name] = {**run["manifests"][name], **_copy_record(m.path, out_dir)}
+        atomic_write_json(out_dir / RUN_FILE, run)
+
+        rows = _read_predictions(pred_path)
+        warned: dict[str, list] = {}  # manifest -> [id, warning] of the clips decoded in this call
+        summaries, previous = {}, _previous_summaries(out_dir) if old is not None else {}
+        with writing(pred_path):
+            # Unbuffered: a batch's rows go out in one write, and a failed write leaves nothing for close()
+            # to retry (a close() error would replace the message that names this file).
+            pred_file = open(pred_path, "ab", buffering=0)
+        with pred_file:
+            for name, m in loaded.items():
+                samples = m.samples[:limit] if limit is not None else m.samples
+                done = {r["id"]: r for r in rows if r.get("manifest") == name}
+                todo = sorted((s for s in samples if s.id not in done), key=_sample_length)
+                # Clips whose audio failed before stay skipped on resume (with skip_invalid), else are retried.
+                failed = [tuple(f) for f in previous.get(name, {}).get("failed_audio", [])] if skip_invalid else []
+                todo = [s for s in todo if s.id not in {i for i, _ in failed}]
+                bar = tqdm(total=len(samples), initial=len(samples) - len(todo), desc=name, unit="clip",
+                           file=sys.stderr, disable=not progress, dynamic_ncols=True)
+                try:
+                    for b in range(0, len(todo), batch_size):
+                        group = todo[b:b + batch_size]
+                        t0 = time.perf_counter()
+                        decoded, bad = _decode_group(model, processor, group, options, batch_size, skip_invalid, name)
+                        per_clip = (time.perf_counter() - t0) / max(len(decoded), 1)
+                        failed += bad
+                        batch_rows = []
+                        for s, res in decoded:
+                            row = _score_row(name, s, res["text"], res["seconds"], res["truncated"], per_clip,
+                                             normalizer)
+                            if res.get("warnings"):
+                                row["warnings"] = res["warnings"]
+                            done[s.id] = row
+                            for w in row.get("warnings", []):
+                                bar.write(f"warning: {w}", file=sys.stderr)
+                                warned.setdefault(name, []).append([s.id, w])
+                            batch_rows.append(json.dumps(row, ensure_ascii=False) + "\n")
+                        with writing(pred_path):
+                            _write_all(pred_file, "".join(batch_rows).encode("utf-8"))
+                        bar.update(len(group))
+                finally:
+                    bar.close()
+                kept = [done[s.id] for s in samples if s.id in done]
+                summaries[name] = _manifest_summary(kept, run["manifests"][name], m.n_skipped + len(failed))
+                if failed:
+                    summaries[name]["failed_audio"] = failed
+                if warned.get(name):
+                    summaries[name]["audio_warnings"] = warned[name]
+                if m.skipped:
+                    summaries[name]["invalid_rows"] = [dict(line=line, reason=why) for line, why in m.skipped]
+                if limit is not None:
+                    summaries[name]["limit"] = limit
+        # Manifests evaluated into this folder by an earlier call (same settings) stay in the summary.
+        summaries = {**{k: v for k, v in previous.items() if k not in summaries}, **summaries}
+        summary = dict(run={**run, "updated": _now()}, manifests=summaries)
+        atomic_write_json(out_dir / SUMMARY_FILE, summary)
     return summary
+
+
+def _write_all(f, data: bytes) -> None:
+    while data:  # a raw write may take only part of the data (e.g. at a file-size limit); the next one raises
+        data = data[f.write(data):]
 
 
 def _previous_summaries(out_dir: Path) -> dict:

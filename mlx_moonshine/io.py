@@ -1,18 +1,37 @@
-"""Atomic file writes and hashing.
+"""Atomic file writes, write errors that name the file, run-folder locks, hashing.
 
 Every file the package writes goes to a temporary file in the destination folder first
 and is then renamed over the target (`os.replace` is atomic on POSIX and Windows), so an
-interrupted run never leaves a half-written config or checkpoint behind.
+interrupted run never leaves a half-written config or checkpoint behind. Finished files and
+folders get the permissions the user's umask gives (not tempfile's private 0600/0700), so a
+team sharing a machine can read each other's runs.
+
+A failed write (disk full, file-size limit, read-only folder; OSError or MLX's RuntimeError)
+becomes an `OutputError` naming the file. A run folder that train or eval writes into is held
+with `run_lock`, so two runs never interleave their rows in one folder.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
+import json
 import os
+import socket
+import sys
 import tempfile
+import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Mapping
+from typing import Callable, Iterator, Mapping, Optional
+
+from .errors import MoonshineError, OutputError, RunLockedError
+
+LOCK_FILE = ".lock"  # in a run folder while a train/eval process writes into it: {"pid", "command", ...}
+
+_FULL = (errno.ENOSPC, errno.EFBIG, getattr(errno, "EDQUOT", errno.ENOSPC))
+_DENIED = (errno.EACCES, errno.EPERM, errno.EROFS)
 
 
 def _umask() -> int:
@@ -21,21 +40,65 @@ def _umask() -> int:
     return mask
 
 
+def _write_problem(path: Path, reason: str, code: Optional[int]) -> str:
+    if code in _FULL:
+        fix = "free disk space, raise the file-size limit (ulimit -f), or write to another folder"
+    elif code in _DENIED:
+        fix = "write to a folder you may write to"
+    else:
+        fix = "the disk may be full or a file-size limit (ulimit -f) reached: free space or write elsewhere"
+    return f"cannot write {path}: {reason}; {fix}"
+
+
+@contextmanager
+def writing(path: Path) -> Iterator[None]:
+    """Turn a failed write inside the block into an `OutputError` that names `path` and the fix."""
+    try:
+        yield
+    except MoonshineError:
+        raise
+    except OSError as e:
+        raise OutputError(_write_problem(Path(path), e.strerror or str(e), e.errno)) from e
+    except RuntimeError as e:  # MLX: "[write] Unable to write 30090 bytes to file."
+        if not any(w in str(e).lower() for w in ("write", "open", "file")):
+            raise
+        raise OutputError(_write_problem(Path(path), str(e).rstrip("."), None)) from e
+
+
+def staged_error(e: OutputError, tmp: Path, final: Path) -> OutputError:
+    """`e` with the staging folder `tmp` in its message replaced by the `final` folder the user asked for."""
+    return OutputError(str(e).replace(str(tmp), str(final)))
+
+
+def make_temp_dir(parent: Path, prefix: str) -> Path:
+    """A fresh staging folder in `parent`, with the permissions mkdir gives (mkdtemp makes it 0700)."""
+    parent = Path(parent)
+    with writing(parent):
+        parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+        os.chmod(tmp, 0o777 & ~_umask())
+    return tmp
+
+
 @contextmanager
 def _atomic_path(path: Path, suffix: str = ".tmp") -> Iterator[Path]:
     """Yield a temp path next to `path`; move it onto `path` if the block succeeds."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
-    try:
-        yield tmp_path
-        # mkstemp creates 0600 files; give the result the permissions open() would have.
-        os.chmod(tmp_path, 0o666 & ~_umask())
-        os.replace(tmp_path, path)
-    finally:
-        tmp_path.unlink(missing_ok=True)
+    with writing(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+        os.close(fd)
+        tmp_path = Path(tmp)
+        try:
+            yield tmp_path
+            # mkstemp creates 0600 files; give the result the permissions open() would have.
+            os.chmod(tmp_path, 0o666 & ~_umask())
+            os.replace(tmp_path, path)
+        finally:
+            tmp_path.unlink(missing_ok=True)
+
+
+atomic_path = _atomic_path  # for writers that need a file name (savefig, safetensors): temp, then rename
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -86,3 +149,100 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             digest.update(block)
     return digest.hexdigest()
+
+
+# -- run-folder locks ---------------------------------------------------------------------------
+
+
+def _pid_alive(pid) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except PermissionError:  # alive, owned by someone else
+        return True
+    except (OSError, ValueError, TypeError, OverflowError):
+        return False
+    return True
+
+
+def _read_lock(path: Path) -> dict:
+    try:
+        holder = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return holder if isinstance(holder, dict) else {}
+
+
+def _describe(holder: dict) -> str:
+    if not holder.get("pid"):
+        return "another process (it has not written its pid yet)"
+    where = f" on {holder['host']}" if holder.get("host") else ""
+    since = f", started {holder['started']}" if holder.get("started") else ""
+    return f"pid {holder['pid']}{where} ({holder.get('command', 'mlx-moonshine')}{since})"
+
+
+def _flock(fd: int) -> Optional[bool]:
+    """True: locked; False: another process holds it; None: no flock here (Windows)."""
+    try:
+        import fcntl
+    except ImportError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
+
+
+@contextmanager
+def run_lock(folder: Path, command: str, log: Optional[Callable[[str], None]] = None) -> Iterator[Path]:
+    """Hold `folder/.lock` for the block: a second train/eval into the same folder is refused.
+
+    The lock file records the holder's pid. The kernel lock on it (flock) dies with the process, so
+    a lock left behind by a killed run is taken over, with a note to `log` (default: stderr).
+
+    Raises:
+        RunLockedError: a live process holds the folder; the message names it.
+    """
+    folder = Path(folder)
+    path = folder / LOCK_FILE
+    log = log or (lambda m: print(m, file=sys.stderr))
+    created = not folder.exists()
+    for _ in range(20):
+        with writing(path):
+            folder.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        got = _flock(fd)
+        previous = _read_lock(path)
+        if got is None:  # no kernel locks: trust the recorded pid
+            got = not previous.get("pid") or previous.get("pid") == os.getpid() or not _pid_alive(previous["pid"])
+        if not got:
+            os.close(fd)
+            raise RunLockedError(
+                f"{folder} is in use by {_describe(previous)}, which holds {path}; wait for it to finish or "
+                "write this run to another folder (-o). If that process no longer exists, delete the lock file")
+        try:  # the holder before us may have removed the file between our open and our lock
+            same = os.stat(path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    else:
+        raise RunLockedError(f"{path}: could not take the lock (it keeps changing); is another run starting?")
+    if previous.get("pid"):
+        log(f"note: took over the lock of {folder} left by {_describe(previous)}, which is no longer running")
+    me = dict(pid=os.getpid(), host=socket.gethostname(), command=f"mlx-moonshine {command}",
+              started=time.strftime("%Y-%m-%dT%H:%M:%S"))
+    try:
+        with writing(path):
+            os.ftruncate(fd, 0)
+            os.write(fd, (json.dumps(me) + "\n").encode())
+        yield path
+    finally:
+        try:
+            path.unlink(missing_ok=True)
+            if created and not any(folder.iterdir()):  # refused before writing anything: leave no trace
+                with contextlib.suppress(OSError):  # someone else just started writing there
+                    folder.rmdir()
+        finally:
+            os.close(fd)

@@ -11,7 +11,9 @@ A model folder holds:
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -23,8 +25,8 @@ from typing import Optional
 import mlx.core as mx
 from mlx.utils import tree_flatten, tree_map
 
-from .errors import ModelError
-from .io import sha256_file
+from .errors import ModelError, MoonshineError, OutputError
+from .io import make_temp_dir, sha256_file, staged_error, writing
 from .tokenizer import Tokenizer
 
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
@@ -93,18 +95,54 @@ def _weight_files(model_dir: Path) -> list[Path]:
     return files
 
 
-def build_model(config: dict):
-    """The MLX module for a config dict, picked by `model_type`."""
+def _config_problems(config: dict, args_cls) -> list[str]:
+    """Fields of `config` whose value cannot be what `args_cls` declares (e.g. hidden_size: "sixty-four")."""
+    problems = []
+    for f in dataclasses.fields(args_cls):
+        if f.name not in config or f.name == "extra" or config[f.name] is None:
+            continue
+        v = config[f.name]
+        t = f.type.__name__ if isinstance(f.type, type) else str(f.type).replace("typing.", "")
+        base = t[len("Optional["):-1] if t.startswith("Optional[") else t
+        if base == "int" and (isinstance(v, (str, bool, dict)) or isinstance(v, float) and not v.is_integer()):
+            problems.append(f"{f.name}: {v!r} is not a whole number")
+        elif base == "int" and isinstance(v, (int, float)) and v < 1 and f.name.endswith(_SIZE_SUFFIXES):
+            problems.append(f"{f.name}: {v!r} must be >= 1")
+        elif base == "float" and (isinstance(v, (str, bool, dict, list))
+                                  or isinstance(v, float) and not math.isfinite(v)):
+            problems.append(f"{f.name}: {v!r} is not a number")
+        elif base == "bool" and not isinstance(v, (bool, int)):
+            problems.append(f"{f.name}: {v!r} is not true/false")
+    return problems
+
+
+_SIZE_SUFFIXES = ("_size", "_layers", "_heads", "_embeddings")
+
+
+def build_model(config: dict, source: str | Path = "config.json"):
+    """The MLX module for a config dict, picked by `model_type`.
+
+    Raises:
+        ModelError: an unknown model_type, or every field whose value has the wrong type, named.
+    """
     model_type = config.get("model_type", "moonshine")
     if model_type == "moonshine":
-        from .model import Model, ModelArgs
-
-        return Model(ModelArgs.from_dict(config))
-    if model_type == "moonshine_streaming":
-        from .streaming import StreamingArgs, StreamingModel
-
-        return StreamingModel(StreamingArgs.from_dict(config))
-    raise ModelError(f"model_type {model_type!r} is not supported (moonshine, moonshine_streaming)")
+        from .model import Model as cls, ModelArgs as args_cls
+    elif model_type == "moonshine_streaming":
+        from .streaming import StreamingArgs as args_cls, StreamingModel as cls
+    else:
+        raise ModelError(f"{source}: model_type {model_type!r} is not supported (moonshine, moonshine_streaming)")
+    problems = _config_problems(config, args_cls)
+    if problems:
+        raise ModelError(f"{source}: bad value(s): {'; '.join(problems)}; fix them (a Moonshine config.json "
+                         "from Hugging Face or `mlx-moonshine convert` has numbers there)")
+    try:
+        return cls(args_cls.from_dict(config))
+    except MoonshineError:
+        raise
+    except Exception as e:  # MLX raises TypeError/ValueError/RuntimeError on impossible sizes
+        first_line = str(e).splitlines()[0] if str(e) else ""
+        raise ModelError(f"{source}: cannot build a model from it ({type(e).__name__}: {first_line})") from e
 
 
 def load_model(model_dir: Path, dtype: Optional[str] = None):
@@ -113,10 +151,9 @@ def load_model(model_dir: Path, dtype: Optional[str] = None):
     if not config_path.is_file():
         raise ModelError(f"{model_dir}: no config.json; is this a Moonshine checkpoint folder?")
     config = _read_json(config_path)
-    try:
-        model = build_model(config)
-    except (TypeError, ValueError) as e:
-        raise ModelError(f"{config_path}: cannot build a model from it ({e})") from e
+    if not isinstance(config, dict):
+        raise ModelError(f"{config_path}: expected a JSON object of model settings, got {type(config).__name__}")
+    model = build_model(config, config_path)
     weights = {}
     for f in _weight_files(model_dir):
         try:
@@ -210,11 +247,11 @@ def load(path_or_repo: str | Path, adapter: Optional[str | Path] = None, dtype: 
 def save(model, processor: Processor, out_dir: str | Path, record: Optional[dict] = None):
     """Write a model folder (weights, config, processor files, optional conversion record) atomically."""
     out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    tmp = make_temp_dir(out_dir.parent, f".{out_dir.name}.")
     try:
         weights = dict(tree_flatten(model.parameters()))
-        mx.save_safetensors(str(tmp / "model.safetensors"), weights, metadata={"format": "mlx"})
+        with writing(out_dir / "model.safetensors"):
+            mx.save_safetensors(str(tmp / "model.safetensors"), weights, metadata={"format": "mlx"})
         config = model.args.to_dict()
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         for name in PROCESSOR_FILES:
@@ -240,6 +277,9 @@ def save(model, processor: Processor, out_dir: str | Path, record: Optional[dict
             shutil.rmtree(backup, ignore_errors=True)
         else:
             os.replace(tmp, out_dir)
+    except OutputError as e:  # name the folder asked for, not the staging one
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise staged_error(e, tmp, out_dir) from e
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from .errors import MoonshineError
-from .io import atomic_write_text
+from .io import atomic_write_text, run_lock
 from .trainer import TrainArgs, TrainingError
 
 PATH_KEYS = ("model", "train", "val", "heldout", "eval_test", "replay", "canary", "out", "baseline_run")
@@ -37,12 +37,40 @@ def _read_yaml(path) -> dict:
     import yaml
 
     try:
-        data = yaml.safe_load(Path(path).read_text()) or {}
-    except (OSError, yaml.YAMLError) as e:
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8-sig")) or {}
+    except (OSError, ValueError, yaml.YAMLError) as e:  # ValueError: not UTF-8
         raise TrainingError(f"{path}: cannot read the training config ({e})") from e
     if not isinstance(data, dict):
         raise TrainingError(f"{path}: the training config must be a mapping of option: value")
-    return {k.replace("-", "_"): v for k, v in data.items()}
+    data = {str(k).replace("-", "_"): v for k, v in data.items()}
+    _check_yaml_keys(path, data)
+    return data
+
+
+# Decoding options are click flags shared with transcribe/eval; a YAML value for them would be ignored.
+_DECODING_KEYS = ("beam_size", "length_penalty", "max_tokens_per_second", "max_new_tokens", "no_repeat_ngram_size",
+                  "suppress_blank")
+_ALIASES = {"learning_rate": "lr", "steps": "max_steps", "epochs": "max_steps", "output": "out", "out_dir": "out",
+            "output_dir": "out", "train_manifest": "train", "val_manifest": "val", "lora_rank": "rank", "r": "rank",
+            "lora_alpha": "alpha", "lora_dropout": "dropout", "use_dora": "dora", "target_modules": "targets"}
+
+
+def _check_yaml_keys(path, data: dict) -> None:
+    """Unknown keys are an error (a typo would silently train with the default), with the valid ones listed."""
+    import difflib
+
+    valid = sorted(set(TrainArgs.__dataclass_fields__) | set(PATH_KEYS) | set(REPORT_KEYS))
+    problems = []
+    for key in data:
+        if key in valid:
+            continue
+        if key in _DECODING_KEYS:
+            problems.append(f"{key} (a decoding option: give it on the command line, --{key.replace('_', '-')})")
+            continue
+        close = [_ALIASES[key]] if key in _ALIASES else difflib.get_close_matches(key, valid, n=1)
+        problems.append(f"{key}" + (f" (did you mean {close[0]}?)" if close else ""))
+    if problems:
+        raise TrainingError(f"{path}: unknown option(s) {'; '.join(problems)}. Valid keys: {', '.join(valid)}")
 
 
 def resolve_args(cli: dict, config_file=None, resume=None, report: Optional[dict] = None) -> tuple[TrainArgs, dict]:
@@ -59,7 +87,10 @@ def resolve_args(cli: dict, config_file=None, resume=None, report: Optional[dict
         record = Path(resume) / "train_config.json"
         if not record.is_file():
             raise TrainingError(f"{resume}: not a training run (no train_config.json); pass the run folder")
-        prev = json.loads(record.read_text())
+        try:
+            prev = json.loads(record.read_text(encoding="utf-8"))
+        except ValueError as e:
+            raise TrainingError(f"{record}: not valid JSON ({e}); the run cannot be resumed, start a new one") from e
         merged.update(prev.get("train_args", {}))
         merged["model"] = prev.get("model", {}).get("path")
         for name, rec in (prev.get("manifests") or {}).items():
@@ -80,7 +111,12 @@ def resolve_args(cli: dict, config_file=None, resume=None, report: Optional[dict
     if missing:
         flags = ", ".join("-o" if k == "out" else f"--{k}" for k in missing)
         raise TrainingError(f"missing {flags} (give it on the command line or in the -c YAML file)")
-    return TrainArgs.from_dict(merged), paths
+    try:
+        return TrainArgs.from_dict(merged), paths
+    except TrainingError as e:
+        if config_file is None:
+            raise
+        raise TrainingError(f"{e} (options come from the command line and {config_file})") from e
 
 
 def _default_replay(paths: dict, merged: dict) -> None:
@@ -329,7 +365,22 @@ def run_training(cli: dict, *, config_file=None, resume=None, fuse: bool = False
 
     Returns:
         dict(summary=train summary, evals=final eval summaries, decision=..., report=path).
+
+    Raises:
+        RunLockedError: another live process is training into the same run folder.
+        TrainingError: bad options or data, or the run diverged (report.md is written first).
     """
+    t0 = time.perf_counter()
+    report_opts: dict = {}
+    args, paths = resolve_args(cli, config_file, resume, report=report_opts)
+    # Two trainings into one folder would interleave metrics.jsonl and overwrite each other's adapters.
+    with run_lock(Path(paths["out"]), "train", log=log):
+        return _run_training(args, paths, t0, report_opts, resume=resume, fuse=fuse, decoding=decoding,
+                             skip_invalid=skip_invalid, log=log)
+
+
+def _run_training(args: TrainArgs, paths: dict, t0: float, report_opts: dict, *, resume, fuse: bool, decoding,
+                  skip_invalid: bool, log: Callable[[str], None]) -> dict:
     from .adapters import fuse_model, load_adapters
     from .canary import resolve_canary
     from .data import load_manifest
@@ -339,9 +390,6 @@ def run_training(cli: dict, *, config_file=None, resume=None, fuse: bool = False
     from .train_state import BEST
     from .verdict import Thresholds
 
-    t0 = time.perf_counter()
-    report_opts: dict = {}
-    args, paths = resolve_args(cli, config_file, resume, report=report_opts)
     thresholds = Thresholds(**{VERDICT_KEYS[k]: float(v) for k, v in report_opts.items() if k in VERDICT_KEYS})
     decoding = decoding or DecodingOptions()
     run = Path(paths["out"])
@@ -357,10 +405,19 @@ def run_training(cli: dict, *, config_file=None, resume=None, fuse: bool = False
     sets = {k: load_manifest(paths[k], skip_invalid=skip_invalid) if paths.get(k) else None
             for k in ("train", "val", "heldout", "replay", "eval_test", "canary")}
     model, processor = load(paths["model"])
-    summary = train(model, processor, sets["train"], sets["val"], args, run_dir=run, heldout_set=sets["heldout"],
-                    replay_set=sets["replay"], decoding=decoding, resume=resume is not None, log=log,
-                    record=dict(paths={k: (str(v) if v else None) for k, v in paths.items()},
-                                report=report_opts))
+    try:
+        summary = train(model, processor, sets["train"], sets["val"], args, run_dir=run, heldout_set=sets["heldout"],
+                        replay_set=sets["replay"], decoding=decoding, resume=resume is not None, log=log,
+                        record=dict(paths={k: (str(v) if v else None) for k, v in paths.items()},
+                                    report=report_opts))
+    except TrainingError as e:
+        if getattr(e, "summary", None) is None:
+            raise
+        # Diverged: the report says so (no final evaluation of a broken adapter), then the error stops the CLI.
+        e.summary["warnings"].append("no final evaluation: training diverged")
+        verdict = decide({}, thresholds, canary_note)
+        log(f"wrote {write_report(run, e.summary, args, paths, decoding, {}, time.perf_counter() - t0, verdict=verdict)}")
+        raise
     adapter_dir = run / BEST if (run / BEST / "adapters.safetensors").is_file() else run
     evals = final_eval(run, paths, decoding, adapter_dir, log=log)
     if fuse:

@@ -20,7 +20,6 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -30,12 +29,18 @@ import mlx.core as mx
 from mlx.utils import tree_flatten, tree_unflatten
 
 from .adapters import save_adapters
-from .io import atomic_save_safetensors, atomic_write_json, atomic_write_text, sha256_file
+from .errors import MoonshineError, OutputError
+from .io import (atomic_path, atomic_save_safetensors, atomic_write_bytes, atomic_write_json, atomic_write_text,
+                 make_temp_dir, sha256_file, staged_error, writing)
 
 CHECKPOINT = "checkpoint"
 BEST = "best"
 STATE_FILE = "state.json"
 METRICS = "metrics.jsonl"
+
+
+class CheckpointError(MoonshineError):
+    """A checkpoint that cannot be read back."""
 
 
 @dataclass
@@ -84,7 +89,7 @@ def save_checkpoint(run: Path, model, config, optimizer, progress: TrainProgress
     """Write RUN/adapters.* and RUN/checkpoint/ (adapters, optimizer state, RNG key, state.json)."""
     run = Path(run)
     save_adapters(run, model, config)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{CHECKPOINT}-", dir=run))
+    tmp = make_temp_dir(run, f".{CHECKPOINT}-")
     try:
         save_adapters(tmp, model, config)
         opt = dict(tree_flatten(optimizer.state))
@@ -100,6 +105,9 @@ def save_checkpoint(run: Path, model, config, optimizer, progress: TrainProgress
             saved=time.strftime("%Y-%m-%dT%H:%M:%S"))
         atomic_write_json(tmp / STATE_FILE, state)  # last: its presence marks a complete checkpoint
         _swap_in(tmp, run / CHECKPOINT)
+    except OutputError as e:  # name the folder the user knows, not the staging one
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise staged_error(e, tmp, run / CHECKPOINT) from e
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -108,8 +116,12 @@ def save_checkpoint(run: Path, model, config, optimizer, progress: TrainProgress
 
 def restore(checkpoint: Path, optimizer, model, args, warnings: list) -> TrainProgress:
     """Load optimizer state, RNG key and progress from `checkpoint` (adapters are loaded by the caller)."""
-    state = json.loads((checkpoint / STATE_FILE).read_text())
-    flat = mx.load(str(checkpoint / "optimizer.safetensors"))
+    try:
+        state = json.loads((checkpoint / STATE_FILE).read_text(encoding="utf-8"))
+        flat = mx.load(str(checkpoint / "optimizer.safetensors"))
+    except (OSError, ValueError, RuntimeError) as e:  # RuntimeError: MLX on a damaged safetensors file
+        raise CheckpointError(f"{checkpoint}: damaged checkpoint ({e}); it cannot be resumed: start a new run "
+                              "with another -o") from e
     optimizer.state = tree_unflatten(list(flat.items()))
     optimizer.init(model.trainable_parameters())  # keeps the loaded moments, marks it initialised
     hi, lo = state["random_key"]
@@ -123,10 +135,13 @@ def restore(checkpoint: Path, optimizer, model, args, warnings: list) -> TrainPr
 
 
 def save_best(run: Path, model, config) -> None:
-    tmp = Path(tempfile.mkdtemp(prefix=f".{BEST}-", dir=run))
+    tmp = make_temp_dir(run, f".{BEST}-")
     try:
         save_adapters(tmp, model, config)
         _swap_in(tmp, Path(run) / BEST)
+    except OutputError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise staged_error(e, tmp, Path(run) / BEST) from e
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -153,7 +168,7 @@ class RunWriter:
     def append(self, row: dict) -> None:
         row = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in row.items()}
         self.rows.append(row)
-        with open(self.path, "a", encoding="utf-8") as f:
+        with writing(self.path), open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")
 
     def mean_step_seconds(self) -> Optional[float]:
@@ -196,14 +211,11 @@ class RunWriter:
 def _save_fig(fig, path: Path) -> None:
     import matplotlib.pyplot as plt
 
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=100, bbox_inches="tight")
-        os.replace(tmp, path)
+        with atomic_path(path, suffix=".png") as tmp:  # final file follows the umask (mkstemp's is 0600)
+            fig.savefig(tmp, dpi=100, bbox_inches="tight")
     finally:
         plt.close(fig)
-        Path(tmp).unlink(missing_ok=True)
 
 
 def _manifest_record(m, run: Path) -> Optional[dict]:
@@ -237,8 +249,7 @@ def write_run_files(run: Path, model, processor, args, config, decoding, train_s
     atomic_write_json(run / "preprocessor_config.json", processor.audio.to_preprocessor_config(pre))
     for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
         if (model_dir / name).is_file():
-            shutil.copy2(model_dir / name, run / f".{name}.tmp")
-            os.replace(run / f".{name}.tmp", run / name)
+            atomic_write_bytes(run / name, (model_dir / name).read_bytes())
     previous = {}
     if (run / "train_config.json").is_file():
         previous = json.loads((run / "train_config.json").read_text())

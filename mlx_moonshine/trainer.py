@@ -79,7 +79,7 @@ class TrainArgs:
     aux_loss_rows: int = 60  # rows of replay/heldout whose loss is tracked at each validation
     patience: int = 0  # validations without improvement before stopping; 0: never stop early
     max_minutes: Optional[float] = None  # wall-clock budget for the training loop (checked every step); None: none
-    max_nonfinite: int = 10  # consecutive non-finite steps before giving up
+    max_nonfinite: int = 5  # consecutive non-finite steps before the run stops as diverged
     # Data
     max_seconds: Optional[float] = 30.0  # longer clips are left out of training (and counted)
     replay_ratio: float = 0.0  # share of training rows drawn from the replay set
@@ -178,6 +178,9 @@ def _coerce(key: str, value, type_name: str):
             return float(value)
         if "int" in type_name and isinstance(value, str):
             return int(value)
+        if type_name.replace("Optional[", "").rstrip("]") in ("int", "float") and value is not None and (
+                isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise ValueError(value)
         if key in ("targets", "scope", "augment") and isinstance(value, (list, tuple)):
             return ",".join(str(v) for v in value)
     except ValueError:
@@ -246,7 +249,8 @@ def _filter_long(samples, max_seconds, name, warnings):
     if len(kept) < len(samples):
         warnings.append(f"{name}: left out {len(samples) - len(kept)} clips longer than {max_seconds:g} s")
     if not kept:
-        raise TrainingError(f"{name}: every clip is longer than max_seconds={max_seconds:g}; raise --max-seconds")
+        raise TrainingError(f"{name}: every clip is longer than max_seconds={max_seconds:g}; raise --max-seconds "
+                            "(or set max_seconds: null in the -c YAML to keep every clip)")
     return kept
 
 
@@ -457,8 +461,10 @@ def train(model, processor, train_set, val_set, args: TrainArgs, *, run_dir=None
             p.skipped += 1
             p.nonfinite_run += 1
             if p.nonfinite_run >= args.max_nonfinite:
-                raise TrainingError(f"loss or gradient was not finite for {p.nonfinite_run} steps in a row "
-                                    f"(step {p.step}); lower --lr, use --dtype float32, or check the data")
+                stop_reason = (f"diverged: loss or gradient was not finite for {p.nonfinite_run} steps in a row "
+                               f"(step {p.step})")
+                log(stop_reason)
+                break
         else:
             p.nonfinite_run = 0
             window["loss"] += value.item()
@@ -494,6 +500,10 @@ def train(model, processor, train_set, val_set, args: TrainArgs, *, run_dir=None
             p.elapsed = p.elapsed + time.perf_counter() - tic_run
             tic_run = time.perf_counter()
             ts.save_checkpoint(run, model, config, optimizer, p, args)
+            if not math.isfinite(row["monitor"]):  # the adapter itself is broken: more steps cannot help
+                stop_reason = f"diverged: validation loss is {row['val_loss']} at step {p.step}"
+                log(stop_reason)
+                break
             if args.patience and p.bad_evals >= args.patience:
                 stop_reason = f"early stop: no improvement in {p.bad_evals} validations"
                 log(stop_reason)
@@ -510,6 +520,7 @@ def train(model, processor, train_set, val_set, args: TrainArgs, *, run_dir=None
     p.elapsed += time.perf_counter() - tic_run
     if p.last_val is None or p.last_val["step"] != p.step:  # resumed after the final step, or max_steps 0
         p.last_val = validate(p.step)
+    warnings += _health_warnings(p, stop_reason, run / ts.BEST)
     ts.save_checkpoint(run, model, config, optimizer, p, args)
     writer.plot()
     model.eval()
@@ -524,7 +535,28 @@ def train(model, processor, train_set, val_set, args: TrainArgs, *, run_dir=None
     ts.write_summary(run, summary)
     if restore_cache is not None:
         mx.set_cache_limit(restore_cache)
+    if stop_reason.startswith("diverged"):
+        err = TrainingError(f"training stopped, {stop_reason}; lower --lr (it was {args.lr:g}), use --dtype float32, "
+                            f"or check the data ({run / 'summary.json'} and report.md say so)")
+        err.summary = summary  # run_training still writes report.md from it
+        raise err
     return summary
+
+
+def _health_warnings(p, stop_reason: str, best_dir: Path) -> list[str]:
+    """What report.md and summary.json must say about a run whose numbers went non-finite."""
+    out = []
+    if stop_reason.startswith("diverged"):
+        kept = (f"{best_dir} holds the adapter of step {p.best['step']} (the best validation)"
+                if (best_dir / "adapters.safetensors").is_file() and p.best else "no validation improved on step 0")
+        out.append(f"training {stop_reason}; {kept}")
+    if p.skipped:
+        out.append(f"{p.skipped} of {p.step} steps had a non-finite loss or gradient and changed nothing; "
+                   "lower --lr or use --dtype float32")
+    final = (p.last_val or {}).get("val_loss")
+    if final is not None and not math.isfinite(final):
+        out.append(f"the final validation loss is {final}: the adapter transcribes nothing useful")
+    return out
 
 
 def _val_line(row: dict) -> str:

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Optional, Sequence, Union
 
 import numpy as np
 
-from .audio import SAMPLE_RATE, prepare_audio, split_on_silence
+from .audio import SAMPLE_RATE, AudioWarning, prepare_audio, split_on_silence
 from .decoding import DecodingOptions, decode_batch
 
 # Moonshine was trained on utterances up to ~30 s; longer audio is cut at quiet points into pieces of
@@ -36,9 +37,20 @@ def transcribe(model, processor, audio, options: Optional[DecodingOptions] = Non
 
 def transcribe_clips(model, processor, clips: Sequence, options: Optional[DecodingOptions] = None,
                      batch_size: int = 8, max_chunk_seconds: float = MAX_CHUNK_SECONDS) -> list[dict]:
-    """Like `transcribe`, returning per clip {"text", "pieces", "seconds", "truncated"}."""
+    """Like `transcribe`, returning per clip {"text", "pieces", "seconds", "truncated"} (+ "warnings", if any).
+
+    Every clip is read before any is decoded, so a bad file fails fast.
+    """
     options = options or DecodingOptions()
-    arrays = [prepare_audio(c, processor.audio) for c in clips]
+    arrays, notes = [], []
+    for c in clips:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", AudioWarning)
+            arrays.append(prepare_audio(c, processor.audio))
+        notes.append([str(w.message) for w in caught if issubclass(w.category, AudioWarning)])
+        for w in caught:
+            if not issubclass(w.category, AudioWarning):
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     # Cut every clip into pieces; decode all pieces in length-sorted batches (less padding).
     pieces = []  # (clip index, samples)
     for i, x in enumerate(arrays):
@@ -56,4 +68,7 @@ def transcribe_clips(model, processor, clips: Sequence, options: Optional[Decodi
         o["text"] = f"{o['text']} {res.text}".strip() if res.text else o["text"]
         o["pieces"] += 1
         o["truncated"] = o["truncated"] or res.truncated
+    for o, note in zip(out, notes):
+        if note:
+            o["warnings"] = note
     return out

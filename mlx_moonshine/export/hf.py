@@ -23,8 +23,8 @@ from typing import Optional, Union
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
-from ..errors import ModelError
-from ..io import atomic_save_safetensors, atomic_write_json
+from ..errors import ModelError, OutputError
+from ..io import atomic_save_safetensors, atomic_write_json, staged_error
 from .peft import prepare_out_dir, resolve_adapter, staging_dir, swap_dir
 
 PathLike = Union[str, Path]
@@ -129,6 +129,9 @@ def write_hf(model, processor, out_dir: Path) -> Path:
         generation.setdefault("eos_token_id", processor.eos_id)
         atomic_write_json(tmp / "generation_config.json", generation)
         swap_dir(tmp, out_dir)
+    except OutputError as e:  # name the folder asked for, not the staging one
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise staged_error(e, tmp, out_dir) from e
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -31,10 +31,10 @@ from typing import Optional, Union
 import mlx.core as mx
 import mlx.nn as nn
 
-from ..adapters import _PATH, CONFIG_FILE, WEIGHTS_FILE, AdapterConfig
+from ..adapters import _PATH, CONFIG_FILE, WEIGHTS_FILE, AdapterConfig, check_not_peft
 from ..dora import DoRALinear
-from ..errors import ModelError
-from ..io import atomic_save_safetensors, atomic_write_json
+from ..errors import ModelError, OutputError
+from ..io import atomic_save_safetensors, atomic_write_json, make_temp_dir, staged_error
 from ..lora import LoRALinear
 
 PEFT_CONFIG = "adapter_config.json"
@@ -69,6 +69,7 @@ def resolve_adapter(source: PathLike, best: bool = False) -> tuple[Path, Path]:
                              "drop --best to export the final adapter")
     missing = [n for n in (CONFIG_FILE, WEIGHTS_FILE) if not (src / n).is_file()]
     if missing:
+        check_not_peft(src)
         raise ModelError(f"{src} lacks {' and '.join(missing)}; pass a training run folder or an adapter "
                          "folder written by save_adapters()")
     return src / CONFIG_FILE, src / WEIGHTS_FILE
@@ -189,8 +190,7 @@ def swap_dir(tmp: Path, out_dir: Path) -> None:
 
 
 def staging_dir(out_dir: Path) -> Path:
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    return make_temp_dir(out_dir.parent, f".{out_dir.name}.")
 
 
 def export_peft(adapter_dir_or_run: PathLike, out_dir: PathLike, base_model_name_or_path: Optional[str] = None,
@@ -214,7 +214,7 @@ def export_peft(adapter_dir_or_run: PathLike, out_dir: PathLike, base_model_name
     config_file, weights_file = resolve_adapter(adapter_dir_or_run, best)
     config, weights = read_adapter(config_file, weights_file)
     if model_dir is not None:
-        check_against_model(model_dir, config_file, weights_file)
+        check_against_model(model_dir, config_file, weights_file, name=adapter_dir_or_run)
     out_dir = prepare_out_dir(out_dir, force)
     tensors, r, alpha = peft_tensors(config, weights)
     mx.eval(tensors)
@@ -223,6 +223,9 @@ def export_peft(adapter_dir_or_run: PathLike, out_dir: PathLike, base_model_name
         atomic_save_safetensors(tmp / PEFT_WEIGHTS, tensors, metadata={"format": "pt"})
         atomic_write_json(tmp / PEFT_CONFIG, peft_config_dict(config, r, alpha, base_model_name_or_path))
         swap_dir(tmp, out_dir)
+    except OutputError as e:  # name the folder asked for, not the staging one
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise staged_error(e, tmp, out_dir) from e
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -238,14 +241,25 @@ def adapter_folder(config_file: Path, weights_file: Path, scratch: Path) -> Path
     return scratch
 
 
-def check_against_model(model_dir: PathLike, config_file: Path, weights_file: Path) -> None:
-    """Load the adapter onto the base model in `model_dir`; raises load_adapters' mismatch report."""
+def check_against_model(model_dir: PathLike, config_file: Path, weights_file: Path,
+                        name: Optional[PathLike] = None) -> None:
+    """Load the adapter onto the base model in `model_dir`; raises load_adapters' mismatch report.
+
+    `name` is the folder the user gave, used in the message in place of a staging or scratch folder.
+    """
     from ..adapters import load_adapters
     from ..loading import load
 
     model, _ = load(model_dir)
     with tempfile.TemporaryDirectory() as scratch:
-        load_adapters(model, adapter_folder(config_file, weights_file, Path(scratch)))
+        folder = adapter_folder(config_file, weights_file, Path(scratch))
+        try:
+            load_adapters(model, folder)
+        except ModelError as e:
+            if name is None:
+                raise
+            raise ModelError(str(e).replace(str(folder), str(name))
+                             + f"\n(base model {model_dir}: pass the --model this adapter was trained for)") from e
 
 
 # -- import --------------------------------------------------------------------------------------------
@@ -365,8 +379,11 @@ def import_peft(peft_dir: PathLike, out_dir: PathLike, *, force: bool = False,
         atomic_save_safetensors(tmp / WEIGHTS_FILE, weights, metadata={"format": "mlx"})
         config.to_json(tmp / CONFIG_FILE)
         if model_dir is not None:
-            check_against_model(model_dir, tmp / CONFIG_FILE, tmp / WEIGHTS_FILE)
+            check_against_model(model_dir, tmp / CONFIG_FILE, tmp / WEIGHTS_FILE, name=peft_dir)
         swap_dir(tmp, out_dir)
+    except OutputError as e:  # name the folder asked for, not the staging one
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise staged_error(e, tmp, out_dir) from e
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
