@@ -35,7 +35,7 @@ import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import numpy as np
 
@@ -146,14 +146,22 @@ NOT_PARAMETERS = {("Expand", 0)}
 SOURCE_SUFFIXES = r"(_merged_\d+)?(_quantized)?(_add_tensor)?$"
 
 
+class Source(NamedTuple):
+    """Where one HF parameter lives in a graph."""
+
+    value: np.ndarray  # float32, HF layout
+    initializer: str  # the stored tensor (int8/uint8 data, or float32 as is)
+    transform: str | None  # graph layout -> HF: "transpose", "flatten" or None
+
+
 def name_params(graph: Graph, params: list[Param], prefix: str) -> dict[str, np.ndarray]:
     """Map every Param to its HF name; readers in both `If` branches must agree."""
-    return {name: value for name, (value, _) in named_sources(graph, params, prefix).items()}
+    return {name: src.value for name, src in named_sources(graph, params, prefix).items()}
 
 
-def named_sources(graph: Graph, params: list[Param], prefix: str) -> dict[str, tuple[np.ndarray, str]]:
-    """HF name -> (value in HF layout, the initializer it comes from), for every Param."""
-    named: dict[str, tuple[np.ndarray, str]] = {}
+def named_sources(graph: Graph, params: list[Param], prefix: str) -> dict[str, Source]:
+    """HF name -> its `Source`, for every Param."""
+    named: dict[str, Source] = {}
     for p in params:
         names, transforms = set(), set()
         own = re.sub(SOURCE_SUFFIXES, "", p.source)  # exporter's name, if kept
@@ -181,7 +189,7 @@ def named_sources(graph: Graph, params: list[Param], prefix: str) -> dict[str, t
         elif transform == "flatten":
             value = value.reshape(-1)
         _check(hf_name not in named, graph, f"{hf_name} is produced twice")
-        named[hf_name] = (np.ascontiguousarray(value, dtype=np.float32), p.source)
+        named[hf_name] = Source(np.ascontiguousarray(value, dtype=np.float32), p.source, transform)
     return named
 
 
@@ -289,8 +297,10 @@ def derive_config(enc: Graph, dec: Graph, weights: dict[str, np.ndarray],
     while int(head_dim * factor) < rot_dim:
         factor = round(factor + 0.01, 2)
 
-    # Attention scale head_dim**-0.5 on q @ k^T (split as head_dim**-0.25 on each of q and k in base).
-    for g, p in ((enc, ""), (dec, "/model/decoder")):
+    # Attention scale head_dim**-0.5 on q @ k^T (split as head_dim**-0.25 on each of q and k in base,
+    # where the encoder's graph shows it plainly; ORT-optimized graphs fold it into FusedMatMul).
+    fused_decoder = any(n.op == "FusedMatMul" for n in dec.nodes)
+    for g, p in ((enc, ""), (dec, "/model/decoder"))[:2 if fused_decoder else 1]:
         scale = _attention_scale(g, p)
         _check(math.isclose(scale, head_dim ** -0.5, rel_tol=1e-5), g, f"attention scale {scale}")
     # HF uses LayerNorm(eps=1e-5, bias=False) and GroupNorm(1, C, eps=1e-5).

@@ -168,6 +168,35 @@ def _walk_ort(graph: Graph, g, scope: str, AT) -> None:
         ))
 
 
+def initializer_spans(path: Path) -> dict[str, tuple[int, int]]:
+    """name -> (byte offset, byte length) of every initializer's raw data inside a `.ort` file.
+
+    Lets a writer replace a tensor's values in place (same dtype and shape, so same length)
+    and leave every other byte of the flatbuffer as it was.
+    """
+    from onnxruntime.tools.ort_format_model.ort_flatbuffers_py.fbs import InferenceSession
+    from onnxruntime.tools.ort_format_model.ort_flatbuffers_py.fbs.AttributeType import AttributeType
+
+    buf = Path(path).read_bytes()
+    base = np.frombuffer(buf, np.uint8).__array_interface__["data"][0]
+    spans: dict[str, tuple[int, int]] = {}
+
+    def walk(g) -> None:
+        for i in range(g.InitializersLength()):
+            t = g.Initializers(i)
+            if t.RawDataLength():
+                view = t.RawDataAsNumpy()  # a view into `buf`: its address gives the offset
+                spans[t.Name().decode()] = (view.__array_interface__["data"][0] - base, int(view.size))
+        for i in range(g.NodesLength()):
+            n = g.Nodes(i)
+            for a in range(n.AttributesLength()):
+                if n.Attributes(a).Type() == AttributeType.GRAPH:
+                    walk(n.Attributes(a).G())
+
+    walk(InferenceSession.InferenceSession.GetRootAs(buf, 0).Model().Graph())
+    return spans
+
+
 # --------------------------------------------------------------------------------------
 # .onnx (protobuf ModelProto)
 # --------------------------------------------------------------------------------------
