@@ -106,7 +106,7 @@ def _int8_affine_names(graph, data: str) -> tuple[str, str]:
     return scale, zero
 
 
-def graph_slots(graph, prefix: str) -> dict[str, list[Slot]]:
+def graph_slots(graph, prefix: str, tied: bool = True) -> dict[str, list[Slot]]:
     """HF name -> the slots holding it (two for a tied embedding stored again as proj_out)."""
     from ..ort import named_sources
     from ..ort_graph import collect_params, quantized_weights
@@ -127,7 +127,7 @@ def graph_slots(graph, prefix: str) -> dict[str, list[Slot]]:
         else:
             slot = Slot(name, src.initializer, "float32", transform=src.transform)
         # A tied head stored again for the runtime's logits MatMul is the embedding (convert checked it).
-        hf_name = "model.decoder.embed_tokens.weight" if name == "proj_out.weight" else name
+        hf_name = "model.decoder.embed_tokens.weight" if tied and name == "proj_out.weight" else name
         slots.setdefault(hf_name, []).append(replace(slot, hf_name=hf_name))
     return slots
 
@@ -170,7 +170,7 @@ def patch_graph(src: Path, dst: Path, weights: dict[str, np.ndarray], prefix: st
     from ..ort_graph import initializer_spans, load_graph
 
     graph = load_graph(src)
-    slots = graph_slots(graph, prefix)
+    slots = graph_slots(graph, prefix, tied="proj_out.weight" not in weights)
     missing, extra = sorted(set(slots) - set(weights)), sorted(set(weights) - set(slots))
     if missing or extra:
         raise RuntimeExportError(f"{src.name}: the model's weights do not fit the runtime graph: "
