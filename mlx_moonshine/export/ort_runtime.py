@@ -84,8 +84,12 @@ def default_clip() -> Path:
 
 
 def moonshine_cpp_transcribe(folder: PathLike, architecture: str, audio: np.ndarray) -> Optional[str]:
-    """moonshine_cpp's transcript of `audio` from `folder`, or None when moonshine_cpp is not installed."""
-    if importlib.util.find_spec("moonshine_cpp") is None:
+    """moonshine_cpp's transcript of `audio` from `folder`, or None when it cannot run this folder.
+
+    moonshine-cpp 0.1.4 runs base only: it feeds no attention_mask, which moonshine-voice's tiny graphs
+    need (it aborts the process), so tiny is left to onnxruntime and moonshine-voice.
+    """
+    if architecture != "base" or importlib.util.find_spec("moonshine_cpp") is None:
         return None
     import moonshine_cpp
     import soundfile as sf
