@@ -58,7 +58,8 @@ def convert(source, out_dir, dtype, force, normalize, target_dbfs):
     """Convert SOURCE to an MLX model folder.
 
     SOURCE is a local Hugging Face checkpoint folder, a Hub repo id (UsefulSensors/moonshine-tiny), a folder
-    with Moonshine ONNX/ORT files, or moonshine-cpp:base-en (real base weights from PyPI).
+    with Moonshine ONNX/ORT files, or real weights from PyPI: moonshine-cpp:base-en (base),
+    moonshine-voice:tiny-en (tiny).
     """
     from .audio import AudioConfig
     from .loading import convert as _convert
