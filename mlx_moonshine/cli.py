@@ -71,7 +71,8 @@ def convert(source, out_dir, dtype, force, normalize, target_dbfs):
     """Convert SOURCE to an MLX model folder.
 
     SOURCE is a local Hugging Face checkpoint folder, a Hub repo id (UsefulSensors/moonshine-tiny), a folder
-    with Moonshine ONNX/ORT files, or moonshine-cpp:base-en (real base weights from PyPI).
+    with Moonshine ONNX/ORT files, or real weights from PyPI: moonshine-cpp:base-en (base),
+    moonshine-voice:tiny-en (tiny).
     """
     from .audio import AudioConfig
     from .loading import convert as _convert
@@ -360,7 +361,7 @@ def manifest_split_cmd(manifest_path, ratios, by, quick, seed, skip_invalid, out
 
 @main.group("export")
 def export_group():
-    """Export adapters and merged models for PyTorch users (PEFT, Hugging Face transformers)."""
+    """Export adapters and merged models: PyTorch (PEFT, Hugging Face transformers), Moonshine's runtime."""
 
 
 def _verify_audio_option(fn):
@@ -424,6 +425,38 @@ def export_hf_cmd(model_path, adapter, out_dir, verify, audio, force):
         click.echo(f"transformers parity: max |logits diff| {r['logits']:.2e} (limit 1e-3)")
         if "mlx_text" in r:
             click.echo(f"greedy transcript (both): {r['mlx_text']}")
+
+
+@export_group.command("runtime")
+@click.option("--model", "model_path", required=True,
+              help="MLX model folder converted from moonshine-cpp:base-en or moonshine-voice:tiny-en.")
+@click.option("--adapter", default=None, type=click.Path(path_type=Path), help="Training run or adapter folder to merge in.")
+@click.option("-o", "--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Runtime model folder to write (encoder_model.ort, decoder_model_merged.ort, tokenizer.bin).")
+@click.option("--verify", is_flag=True, help="Transcribe a clip with onnxruntime (and moonshine_cpp if installed) "
+                                             "over OUT and with MLX, and compare.")
+@click.option("--audio", default=None, type=click.Path(dir_okay=False, path_type=Path),
+              help="Clip for --verify (default: moonshine-voice's beckett.wav where installed).")
+@click.option("--force", is_flag=True, help="Overwrite OUT if it is not empty.")
+def export_runtime_cmd(model_path, adapter, out_dir, verify, audio, force):
+    """Write a model folder for Moonshine's own runtime (moonshine-cpp, moonshine-voice), adapter merged, int8."""
+    from .export.runtime import export_runtime
+
+    if verify and audio is None:
+        from .export.ort_runtime import default_clip
+
+        audio = _run(default_clip)
+    record = _run(export_runtime, model_path, out_dir, adapter=adapter, force=force,
+                  log=lambda m: click.echo(m, err=True))
+    if verify:
+        from .export.ort_runtime import verify_runtime
+
+        r = _run(verify_runtime, out_dir, model_path, adapter, audio=audio, architecture=record["architecture"])
+        click.echo(f"MLX:          {r['mlx']}")
+        click.echo(f"onnxruntime:  {r['onnxruntime']}")
+        if r["moonshine_cpp"] is not None:
+            click.echo(f"moonshine_cpp: {r['moonshine_cpp']}")
+        click.echo("same words" if r["wer"] == 0 else f"WER of onnxruntime vs MLX: {100 * r['wer']:.1f}%")
 
 
 @main.group("import")

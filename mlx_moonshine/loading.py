@@ -79,8 +79,8 @@ def resolve_model_dir(path_or_repo: str | Path) -> Path:
     except Exception as e:
         raise ModelError(
             f"{repo}: could not download from the Hugging Face Hub ({type(e).__name__}). Offline, use a local "
-            f"checkpoint folder, a folder with Moonshine ONNX/ORT files, or '{MOONSHINE_CPP_PREFIX}base-en' "
-            f"(real base weights from PyPI)"
+            f"checkpoint folder, a folder with Moonshine ONNX/ORT files, or '{MOONSHINE_CPP_PREFIX}base-en' / "
+            f"'moonshine-voice:tiny-en' (real base / tiny weights from PyPI)"
         ) from e
 
 
@@ -287,8 +287,10 @@ def save(model, processor: Processor, out_dir: str | Path, record: Optional[dict
 
 
 def _source_kind(source: str) -> str:
-    if source.startswith(MOONSHINE_CPP_PREFIX):
-        return "moonshine-cpp"
+    from .ort import SHORTCUT_PREFIXES
+
+    if source.startswith(SHORTCUT_PREFIXES):
+        return source.split(":")[0]  # "moonshine-cpp" | "moonshine-voice": a PyPI wheel shortcut
     path = Path(source).expanduser()
     if path.is_dir():
         has_ort = any((path / f"encoder_model.{ext}").exists() for ext in ("onnx", "ort"))
@@ -304,7 +306,8 @@ def convert(source: str, out_dir: str | Path, dtype: str = "float32", force: boo
 
     Args:
         source: a local Hugging Face checkpoint folder, a Hub repo id, a folder with Moonshine ONNX/ORT files
-            (`encoder_model.{onnx,ort}`, `decoder_model_merged.{onnx,ort}`), or `moonshine-cpp:base-en`.
+            (`encoder_model.{onnx,ort}`, `decoder_model_merged.{onnx,ort}`), or a PyPI shortcut
+            (`moonshine-cpp:base-en`, `moonshine-voice:tiny-en`).
         out_dir: the MLX model folder to write.
         dtype: weight dtype of the result.
         force: overwrite an existing `out_dir`.
@@ -324,12 +327,12 @@ def convert(source: str, out_dir: str | Path, dtype: str = "float32", force: boo
               "mlx_moonshine_version": _version(), "mlx_version": mx.__version__,
               "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     with tempfile.TemporaryDirectory(prefix="mlx-moonshine-convert-") as scratch:
-        if kind in ("moonshine-cpp", "onnx"):
-            from .ort import ort_to_hf, resolve_moonshine_cpp
+        if kind in ("moonshine-cpp", "moonshine-voice", "onnx"):
+            from .ort import ort_to_hf, resolve_shortcut
 
             tokenizer_json = None
-            if kind == "moonshine-cpp":
-                src_dir, tokenizer_json = resolve_moonshine_cpp(source, log=log)
+            if kind != "onnx":
+                src_dir, tokenizer_json = resolve_shortcut(source, log=log)
             else:
                 src_dir = Path(source)
             log(f"dequantising ONNX/ORT graphs in {src_dir}")

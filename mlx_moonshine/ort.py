@@ -1,7 +1,7 @@
 """Convert a Moonshine ONNX / ONNX Runtime export into a Hugging Face-format checkpoint.
 
-The PyPI wheel `moonshine-cpp==0.1.4` ships the real Moonshine *base* weights as two
-`.ort` graphs (the HF `MoonshineEncoder`, and optimum's "merged" decoder: an `If` node
+The PyPI wheels `moonshine-cpp==0.1.4` and `moonshine-voice==0.1.0` ship the real Moonshine
+*base* and *tiny* weights as two `.ort` graphs each (the HF `MoonshineEncoder`, and optimum's "merged" decoder: an `If` node
 with a no-cache and a with-cache branch). Every matrix is weight-only int8: an initializer
 `X_quantized` plus per-tensor `X_scale` / `X_zero_point` that the graph turns back into
 float with `Cast -> Mul -> Add`. The conversion
@@ -33,8 +33,9 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import numpy as np
 
@@ -45,10 +46,26 @@ from .ort_graph import Graph, Node, Param, check as _check, collect_params, load
 
 Log = Callable[[str], None] | None
 
-# Pinned sources of the `moonshine-cpp:<name>` shortcut.
+# Pinned sources of the model shortcuts (`moonshine-cpp:base-en`, `moonshine-voice:tiny-en`).
 MOONSHINE_CPP = ("moonshine-cpp", "0.1.4")  # .ort weights under moonshine_cpp/models/<name>/
+MOONSHINE_VOICE = ("moonshine-voice", "0.1.0")  # tiny under moonshine_voice/assets/tiny-en/ (gone in 0.1.1+)
 USEFUL_MOONSHINE_ONNX = ("useful-moonshine-onnx", "20251121")  # moonshine_onnx/assets/tokenizer.json
-KNOWN_MODELS = ("base-en",)
+
+
+@dataclass(frozen=True)
+class Shortcut:
+    """A real Moonshine model inside a pinned PyPI wheel: the runtime's own model folder."""
+
+    wheel: tuple[str, str]  # (name, version) on PyPI
+    folder: str  # encoder_model.ort, decoder_model_merged.ort, tokenizer.bin below the wheel root
+    architecture: str  # the runtime's model type ("tiny" | "base"), as moonshine_cpp names it
+
+
+SHORTCUTS = {
+    "moonshine-cpp:base-en": Shortcut(MOONSHINE_CPP, "moonshine_cpp/models/base-en", "base"),
+    "moonshine-voice:tiny-en": Shortcut(MOONSHINE_VOICE, "moonshine_voice/assets/tiny-en", "tiny"),
+}
+SHORTCUT_PREFIXES = tuple(sorted({spec.split(":")[0] + ":" for spec in SHORTCUTS}))
 # The wheels bundle native libraries and are platform-tagged, but the files we read are
 # not; ask pip for the Linux x86_64 builds on every host (macOS included).
 PIP_PLATFORMS = ("manylinux2014_x86_64", "manylinux_2_34_x86_64")
@@ -113,25 +130,55 @@ CONSUMER_RULES = {
     ("Mul", 1): ("weight", "flatten"),  # LayerNorm / GroupNorm affine scale
     ("Add", 1): ("bias", "flatten"),  # GroupNorm affine shift
     ("Add", 0): ("bias", "flatten"),  # Linear bias (the exporter puts it first)
+    # ORT-optimized graphs (moonshine-voice tiny): fused and dynamically quantized operators.
+    ("MatMulIntegerToFloat", 1): ("weight", "transpose"),
+    ("DynamicQuantizeMatMul", 1): ("weight", "transpose"),
+    ("DynamicQuantizeMatMul", 4): ("bias", None),
+    ("MatMulIntegerToFloat", 6): ("bias", None),
+    ("FusedConv", 1): ("weight", None),
+    ("FusedConv", 2): ("bias", None),
+    ("LayerNormalization", 1): ("weight", None),
+    ("SkipLayerNormalization", 2): ("weight", None),
 }
+# Float constants that look like parameters but are not: RoPE's inv_freq, broadcast by Expand.
+NOT_PARAMETERS = {("Expand", 0)}
+# Suffixes the exporter and the ORT optimizer add to an initializer's name.
+SOURCE_SUFFIXES = r"(_merged_\d+)?(_quantized)?(_add_tensor)?$"
+
+
+class Source(NamedTuple):
+    """Where one HF parameter lives in a graph."""
+
+    value: np.ndarray  # float32, HF layout
+    initializer: str  # the stored tensor (int8/uint8 data, or float32 as is)
+    transform: str | None  # graph layout -> HF: "transpose", "flatten" or None
 
 
 def name_params(graph: Graph, params: list[Param], prefix: str) -> dict[str, np.ndarray]:
     """Map every Param to its HF name; readers in both `If` branches must agree."""
-    named: dict[str, np.ndarray] = {}
+    return {name: src.value for name, src in named_sources(graph, params, prefix).items()}
+
+
+def named_sources(graph: Graph, params: list[Param], prefix: str) -> dict[str, Source]:
+    """HF name -> its `Source`, for every Param."""
+    named: dict[str, Source] = {}
     for p in params:
         names, transforms = set(), set()
-        own = re.sub(r"(_merged_\d+)?(_quantized)?$", "", p.source)  # exporter's name, if kept
-        for node, idx in graph.consumers.get(p.tensor, []):
-            if node.op == "Transpose":  # tied output projection, checked in derive_config
-                continue
+        own = re.sub(SOURCE_SUFFIXES, "", p.source)  # exporter's name, if kept
+        readers = [(node, idx) for node, idx in graph.consumers.get(p.tensor, [])
+                   if node.op != "Transpose"]  # tied output projection, checked in derive_config
+        if readers and all((node.op, idx) in NOT_PARAMETERS for node, idx in readers):
+            continue
+        for node, idx in readers:
             rule = CONSUMER_RULES.get((node.op, idx))
-            _check(rule is not None and node.name.startswith("/"), graph,
+            # A fused node may have lost its scope name; then the state-dict name it kept is the name.
+            scoped = node.name.startswith("/")
+            _check(rule is not None and (scoped or re.fullmatch(r"[\w.]+", own) is not None), graph,
                    f"{p.source} is read by an unexpected node {node.op}[{idx}] {node.name!r}")
             kind, transform = rule
-            names.add(prefix + module_path(node.name) + "." + kind)
+            names.add(prefix + (module_path(node.name) + "." + kind if scoped else own))
             transforms.add(transform)
-            _check(own.startswith("onnx::") or own == _export_name(node.name, kind), graph,
+            _check(not scoped or own.startswith("onnx::") or own == _export_name(node.name, kind), graph,
                    f"{p.source} is read by {node.name!r}, which suggests another name")
         _check(len(names) == 1 and len(transforms) == 1, graph,
                f"{p.source} maps to {sorted(names) or 'no'} parameter names")
@@ -142,7 +189,7 @@ def name_params(graph: Graph, params: list[Param], prefix: str) -> dict[str, np.
         elif transform == "flatten":
             value = value.reshape(-1)
         _check(hf_name not in named, graph, f"{hf_name} is produced twice")
-        named[hf_name] = np.ascontiguousarray(value, dtype=np.float32)
+        named[hf_name] = Source(np.ascontiguousarray(value, dtype=np.float32), p.source, transform)
     return named
 
 
@@ -150,28 +197,71 @@ def name_params(graph: Graph, params: list[Param], prefix: str) -> dict[str, np.
 # Config
 # --------------------------------------------------------------------------------------
 
-def _reshape_heads(graph: Graph, proj_matmul: str) -> tuple[int, int]:
+def _projection(graph: Graph, module: str) -> Node:
+    """The MatMul of a linear layer: `<module>/MatMul`, or its quantized `<module>/MatMul_quant`."""
+    for n in graph.nodes:
+        if n.name in (f"{module}/MatMul", f"{module}/MatMul_quant"):
+            return n
+    return graph.node(f"{module}/MatMul")  # raises, naming what was expected
+
+
+def _reshape_heads(graph: Graph, proj: str) -> tuple[int, int]:
     """(num_heads, head_dim) from the Reshape([B, T, heads, head_dim]) after a projection."""
-    out = graph.node(proj_matmul).outputs[0]
+    out = _projection(graph, proj).outputs[0]
     reshape = next((n for n, i in graph.consumers.get(out, []) if n.op == "Reshape" and i == 0), None)
-    _check(reshape is not None, graph, f"no head Reshape after {proj_matmul}")
+    _check(reshape is not None, graph, f"no head Reshape after {proj}")
     concat = graph.producers[reshape.inputs[1]]
     heads, head_dim = (int(graph.const(x).item()) for x in concat.inputs[-2:])
     return heads, head_dim
 
 
 def _rotary(graph: Graph, prefix: str) -> tuple[int, float]:
-    """(rotary_dim, theta) from inv_freq, the constant operand of rotary_emb/MatMul."""
+    """(rotary_dim, theta) from inv_freq, the constant operand of rotary_emb/MatMul (maybe Expand-ed)."""
     matmul = graph.node(f"{prefix}/rotary_emb/MatMul")
-    inv_freq = next(graph.const(x) for x in matmul.inputs if x in graph.initializers).reshape(-1)
+    operands = [graph.producers[x].inputs[0] if x in graph.producers and graph.producers[x].op == "Expand" else x
+                for x in matmul.inputs]
+    inv_freq = next((graph.const(x) for x in operands if x in graph.initializers), None)
+    _check(inv_freq is not None, graph, "rotary_emb/MatMul has no constant inv_freq")
+    inv_freq = inv_freq.reshape(-1)
     dim = 2 * inv_freq.size
     theta = float(round(inv_freq[1] ** (-dim / 2)))
     expected = 1.0 / theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim)
     _check(np.allclose(inv_freq, expected, rtol=1e-6), graph, "inv_freq is not theta^(-2i/dim)")
-    # q[..., :dim] is the rotated part (first Slice of the query in layer 0).
+    # q[..., :dim] is the rotated part (first Slice of the query in layer 0). ORT-optimized graphs
+    # slice at cos.shape[-1], which is 2 * len(inv_freq) by construction.
     q_slice = graph.node(f"{prefix}/layers.0/self_attn/Slice")
-    _check(int(graph.const(q_slice.inputs[2]).item()) == dim, graph, "rotary slice != 2 * len(inv_freq)")
+    if q_slice.inputs[2] in graph.initializers:
+        _check(int(graph.const(q_slice.inputs[2]).item()) == dim, graph, "rotary slice != 2 * len(inv_freq)")
     return dim, theta
+
+
+def _attention_scale(graph: Graph, prefix: str) -> float:
+    """The factor on q @ k^T: Mul(q, c) and Mul(k, c) before the MatMul, or FusedMatMul's alpha."""
+    fused = [n for n in graph.nodes if n.op == "FusedMatMul" and n.name.startswith(f"{prefix}/layers.0/self_attn/MatMul")]
+    if fused:
+        return float(fused[0].attrs["alpha"])
+    qk = graph.node(f"{prefix}/layers.0/self_attn/MatMul")
+    return _single_const_input(graph, graph.producers[qk.inputs[0]]) ** 2
+
+
+def _layer_norm_eps(graph: Graph, prefix: str) -> float:
+    """eps of the first input_layernorm: a LayerNormalization node (bias must be 0), or its decomposed Add."""
+    module = f"{prefix}/layers.0/input_layernorm"
+    fused = [n for n in graph.nodes if n.name == f"{module}/LayerNormalization"]
+    if not fused:
+        return _single_const_input(graph, graph.node(f"{module}/Add"))
+    for n in graph.nodes:  # HF's LayerNorm(bias=False): the exporter passes a zero bias constant
+        if n.op in ("LayerNormalization", "SkipLayerNormalization"):
+            bias = n.inputs[2 if n.op == "LayerNormalization" else 3] if len(n.inputs) > 2 else ""
+            _check(not bias or (bias in graph.initializers and not graph.initializers[bias].any()), graph,
+                   f"{n.name} has a non-zero bias; HF Moonshine layer norms have none")
+    return float(fused[0].attrs["epsilon"])
+
+
+def _pads_are_noops(graph: Graph) -> bool:
+    """HF pads q/k/v's head_dim with zeros (pad_head_dim_to_multiple_of) and slices it off: a no-op."""
+    return all(n.attrs.get("mode", "constant") == "constant" and (len(n.inputs) < 3 or not n.inputs[2])
+               and n.inputs[1] in graph.initializers for n in graph.nodes if n.op == "Pad")
 
 
 def _single_const_input(graph: Graph, node: Node) -> float:
@@ -193,10 +283,10 @@ def derive_config(enc: Graph, dec: Graph, weights: dict[str, np.ndarray],
         return len({int(m.group(1)) for k in weights
                     if (m := re.match(rf"model\.{stack}\.layers\.(\d+)\.", k))})
 
-    enc_heads, head_dim = _reshape_heads(enc, "/layers.0/self_attn/q_proj/MatMul")
-    enc_kv_heads, _ = _reshape_heads(enc, "/layers.0/self_attn/k_proj/MatMul")
-    dec_heads, dec_head_dim = _reshape_heads(dec, "/model/decoder/layers.0/self_attn/q_proj/MatMul")
-    dec_kv_heads, _ = _reshape_heads(dec, "/model/decoder/layers.0/self_attn/k_proj/MatMul")
+    enc_heads, head_dim = _reshape_heads(enc, "/layers.0/self_attn/q_proj")
+    enc_kv_heads, _ = _reshape_heads(enc, "/layers.0/self_attn/k_proj")
+    dec_heads, dec_head_dim = _reshape_heads(dec, "/model/decoder/layers.0/self_attn/q_proj")
+    dec_kv_heads, _ = _reshape_heads(dec, "/model/decoder/layers.0/self_attn/k_proj")
     _check(head_dim == dec_head_dim == hidden // enc_heads == hidden // dec_heads, dec,
            "encoder and decoder head sizes differ")
 
@@ -207,15 +297,17 @@ def derive_config(enc: Graph, dec: Graph, weights: dict[str, np.ndarray],
     while int(head_dim * factor) < rot_dim:
         factor = round(factor + 0.01, 2)
 
-    # Attention scale: q and k are each multiplied by head_dim**-0.25 before q @ k^T.
-    qk = enc.node("/layers.0/self_attn/MatMul")
-    q_scale = _single_const_input(enc, enc.producers[qk.inputs[0]])
-    _check(math.isclose(q_scale, head_dim ** -0.25, rel_tol=1e-6), enc, f"attention scale {q_scale}")
+    # Attention scale head_dim**-0.5 on q @ k^T (split as head_dim**-0.25 on each of q and k in base,
+    # where the encoder's graph shows it plainly; ORT-optimized graphs fold it into FusedMatMul).
+    fused_decoder = any(n.op == "FusedMatMul" for n in dec.nodes)
+    for g, p in ((enc, ""), (dec, "/model/decoder"))[:2 if fused_decoder else 1]:
+        scale = _attention_scale(g, p)
+        _check(math.isclose(scale, head_dim ** -0.5, rel_tol=1e-5), g, f"attention scale {scale}")
     # HF uses LayerNorm(eps=1e-5, bias=False) and GroupNorm(1, C, eps=1e-5).
     for g, p in ((enc, ""), (dec, "/model/decoder")):
-        eps = _single_const_input(g, g.node(f"{p}/layers.0/input_layernorm/Add"))
+        eps = _layer_norm_eps(g, p)
         _check(math.isclose(eps, 1e-5, rel_tol=1e-6), g, f"layer norm eps {eps}")
-        _check(not any(n.op == "Pad" for n in g.nodes), g, "graph pads head_dim")
+        _check(_pads_are_noops(g), g, "graph pads with something other than constant zeros")
     inorm = next((n for n in enc.nodes if n.op == "InstanceNormalization"), None)
     _check(inorm is not None and math.isclose(inorm.attrs["epsilon"], 1e-5, rel_tol=1e-6)
            and enc.const(inorm.inputs[1]).item() == 1.0 and enc.const(inorm.inputs[2]).item() == 0.0,
@@ -223,15 +315,30 @@ def derive_config(enc: Graph, dec: Graph, weights: dict[str, np.ndarray],
 
     # Encoder GELU is the exact erf form; decoder is SwiGLU with SiLU on the *second* half
     # of fc1, as HF's MoonshineDecoderMLP.
-    _check(any(n.op == "Erf" and n.name.startswith("/layers.0/mlp/") for n in enc.nodes), enc,
+    # (ORT's fused Gelu is the erf form; its tanh approximation would be FastGelu.)
+    _check(any((n.op == "Erf" and n.name.startswith("/layers.0/mlp/"))
+               or (n.op == "Gelu" and n.inputs[0].startswith("/layers.0/mlp/")) for n in enc.nodes), enc,
            "encoder MLP is not exact (erf) GELU")
-    sig = dec.node("/model/decoder/layers.0/mlp/act_fn/Sigmoid")
-    gate_slice = dec.producers[sig.inputs[0]]
-    _check(int(dec.const(gate_slice.inputs[1]).item()) == intermediate, dec, "SwiGLU gate is not the 2nd half")
+    silu = [n for n in dec.nodes if n.name == "/model/decoder/layers.0/mlp/act_fn/Sigmoid"
+            or (n.op == "QuickGelu" and n.name.startswith("/model/decoder/layers.0/mlp/"))]
+    _check(bool(silu) and all(n.op == "Sigmoid" or n.attrs.get("alpha") == 1.0 for n in silu), dec,
+           "decoder MLP gate is not SiLU (Sigmoid, or QuickGelu with alpha 1)")
+    gate_start = dec.producers[silu[0].inputs[0]].inputs[1]
+    if gate_start in dec.initializers:
+        second_half = int(dec.const(gate_start).item()) == intermediate
+    else:  # ORT-optimized: start = fc1.shape[-1] / 2
+        div = dec.producers.get(gate_start)
+        second_half = div is not None and div.op == "Div" and _single_const_input(dec, div) == 2
+    _check(second_half, dec, "SwiGLU gate is not the 2nd half")
 
-    # Weight tying: logits = last_hidden @ Transpose(embed_tokens) in both branches.
+    # Weight tying: logits = last_hidden @ Transpose(embed_tokens) in both branches, or (ORT-optimized)
+    # a quantized proj_out that holds exactly the embedding's values.
     logits_nodes = [n for n in dec.nodes if "logits" in n.outputs and n.op != "If"]
     _check(bool(logits_nodes), dec, "no node writes 'logits'")
+    proj_out = weights.get("proj_out.weight")
+    if proj_out is not None:
+        _check(np.array_equal(proj_out, embed), dec, "proj_out differs from embed_tokens (untied head)")
+        logits_nodes = []
     for node in logits_nodes:
         weight = dec.producers.get(node.inputs[1]) if len(node.inputs) > 1 else None
         _check(node.op == "MatMul" and weight is not None and weight.op == "Transpose", dec,
@@ -267,7 +374,8 @@ def derive_config(enc: Graph, dec: Graph, weights: dict[str, np.ndarray],
         "*_hidden_act": "Erf (exact GELU) in encoder MLP, Sigmoid*x (SiLU) gate in decoder MLP",
         "attention_bias": "bias Add after q/k/v/o projections" if attention_bias else
                           "no bias Add after q/k/v/o projections",
-        "tie_word_embeddings": "logits MatMul reads Transpose(embed_tokens)",
+        "tie_word_embeddings": "logits MatMul reads Transpose(embed_tokens)" if proj_out is None else
+                               "quantized proj_out equals embed_tokens element for element",
         "bos/decoder_start/eos": "tokenizer.json <s>/</s>; moonshine-cpp starts decoding with <s>",
         "pad_token_id": "= eos (upstream convention; never used by greedy decoding)",
         **{k: f"upstream value {v} (not observable in the graph)" for k, v in UPSTREAM_ONLY_FIELDS.items()},
@@ -384,6 +492,7 @@ def ort_to_hf(src_dir: Path, out_dir: Path, *, tokenizer_json: Path | None = Non
     weights = {**name_params(enc, enc_params, prefix="model.encoder."),
                **name_params(dec, dec_params, prefix="")}
     fields, provenance = derive_config(enc, dec, weights, tokenizer)
+    weights.pop("proj_out.weight", None)  # tied: derive_config checked it equals embed_tokens
 
     expected = expected_shapes(fields)
     missing, unexpected = sorted(set(expected) - set(weights)), sorted(set(weights) - set(expected))
@@ -436,7 +545,7 @@ def ort_to_hf(src_dir: Path, out_dir: Path, *, tokenizer_json: Path | None = Non
 
 
 # --------------------------------------------------------------------------------------
-# The `moonshine-cpp:<name>` shortcut
+# Model shortcuts: `moonshine-cpp:base-en`, `moonshine-voice:tiny-en`
 # --------------------------------------------------------------------------------------
 
 def cache_root(cache_dir: Path | None = None) -> Path:
@@ -501,43 +610,42 @@ def _find_in_wheel(root: Path, relative: str) -> Path | None:
     return hits[0] if hits else None
 
 
-def resolve_moonshine_cpp(spec: str = "moonshine-cpp:base-en", cache_dir: Path | None = None,
-                          log: Log = None) -> tuple[Path, Path]:
-    """Locate the moonshine-cpp ORT files and the HF tokenizer.json for a shortcut.
+def resolve_shortcut(spec: str, cache_dir: Path | None = None, log: Log = None) -> tuple[Path, Path]:
+    """Locate the runtime's model folder and the HF tokenizer.json for a model shortcut.
 
-    Uses the installed `moonshine_cpp` / `moonshine_onnx` packages when present, else
-    `pip download`s the pinned wheels (moonshine-cpp==0.1.4, useful-moonshine-onnx==20251121)
-    into the cache and unzips them there.
+    Uses the installed wheel (`moonshine_cpp`, `moonshine_voice`, `moonshine_onnx`) when it holds
+    the files, else `pip download`s the pinned wheel (see SHORTCUTS, useful-moonshine-onnx==20251121
+    for tokenizer.json) into the cache and unzips it there.
 
     Args:
-        spec: `moonshine-cpp:<name>`; only `base-en` is known.
+        spec: one of SHORTCUTS (`moonshine-cpp:base-en`, `moonshine-voice:tiny-en`).
         cache_dir: Download cache; default $MLX_MOONSHINE_CACHE or ~/.cache/mlx-moonshine.
         log: Optional callable receiving progress lines.
 
     Returns:
-        (folder holding encoder_model.ort and decoder_model_merged.ort, tokenizer.json path).
+        (folder holding encoder_model.ort, decoder_model_merged.ort and tokenizer.bin, tokenizer.json path).
 
     Raises:
         ModelError: unknown name, or the wheels are neither installed nor downloadable.
     """
-    known = ", ".join(f"{MOONSHINE_CPP[0]}:{m}" for m in KNOWN_MODELS)
-    prefix, _, model = spec.partition(":")
-    if prefix != MOONSHINE_CPP[0] or model not in KNOWN_MODELS:
-        raise ModelError(f"unknown model shortcut {spec!r}; known: {known}")
+    shortcut = SHORTCUTS.get(spec)
+    if shortcut is None:
+        raise ModelError(f"unknown model shortcut {spec!r}; known: {', '.join(SHORTCUTS)}")
     cache = cache_root(cache_dir)
 
     files = (f"{ENCODER_STEM}.ort", f"{DECODER_STEM}.ort")
-    pkg = _installed_package_dir("moonshine_cpp")
-    if pkg is not None and all((pkg / "models" / model / f).is_file() for f in files):
-        ort_dir = pkg / "models" / model
-        version = importlib.metadata.version(MOONSHINE_CPP[0])
-        _note(log, f"using installed moonshine-cpp {version}: {ort_dir}")
+    module, _, inside = shortcut.folder.partition("/")
+    pkg = _installed_package_dir(module)
+    if pkg is not None and all((pkg / inside / f).is_file() for f in files):
+        ort_dir = pkg / inside
+        version = importlib.metadata.version(shortcut.wheel[0])
+        _note(log, f"using installed {shortcut.wheel[0]} {version}: {ort_dir}")
     else:
-        wheel = _fetch_wheel(MOONSHINE_CPP, cache, log)
-        ort_dir = _find_in_wheel(wheel, f"moonshine_cpp/models/{model}")
+        wheel = _fetch_wheel(shortcut.wheel, cache, log)
+        ort_dir = _find_in_wheel(wheel, shortcut.folder)
         if ort_dir is None or not all((ort_dir / f).is_file() for f in files):
-            raise ModelError(f"{wheel}: the {'=='.join(MOONSHINE_CPP)} wheel has no "
-                             f"moonshine_cpp/models/{model}/{{{','.join(files)}}}; delete this folder and retry")
+            raise ModelError(f"{wheel}: the {'=='.join(shortcut.wheel)} wheel has no "
+                             f"{shortcut.folder}/{{{','.join(files)}}}; delete this folder and retry")
 
     pkg = _installed_package_dir("moonshine_onnx")
     tokenizer = pkg / "assets" / "tokenizer.json" if pkg is not None else None
@@ -550,3 +658,9 @@ def resolve_moonshine_cpp(spec: str = "moonshine-cpp:base-en", cache_dir: Path |
     else:
         _note(log, f"using installed moonshine_onnx tokenizer: {tokenizer}")
     return ort_dir, tokenizer
+
+
+def resolve_moonshine_cpp(spec: str = "moonshine-cpp:base-en", cache_dir: Path | None = None,
+                          log: Log = None) -> tuple[Path, Path]:
+    """`resolve_shortcut`, defaulting to the base model (the name predates the tiny shortcut)."""
+    return resolve_shortcut(spec, cache_dir=cache_dir, log=log)

@@ -168,6 +168,35 @@ def _walk_ort(graph: Graph, g, scope: str, AT) -> None:
         ))
 
 
+def initializer_spans(path: Path) -> dict[str, tuple[int, int]]:
+    """name -> (byte offset, byte length) of every initializer's raw data inside a `.ort` file.
+
+    Lets a writer replace a tensor's values in place (same dtype and shape, so same length)
+    and leave every other byte of the flatbuffer as it was.
+    """
+    from onnxruntime.tools.ort_format_model.ort_flatbuffers_py.fbs import InferenceSession
+    from onnxruntime.tools.ort_format_model.ort_flatbuffers_py.fbs.AttributeType import AttributeType
+
+    buf = Path(path).read_bytes()
+    base = np.frombuffer(buf, np.uint8).__array_interface__["data"][0]
+    spans: dict[str, tuple[int, int]] = {}
+
+    def walk(g) -> None:
+        for i in range(g.InitializersLength()):
+            t = g.Initializers(i)
+            if t.RawDataLength():
+                view = t.RawDataAsNumpy()  # a view into `buf`: its address gives the offset
+                spans[t.Name().decode()] = (view.__array_interface__["data"][0] - base, int(view.size))
+        for i in range(g.NodesLength()):
+            n = g.Nodes(i)
+            for a in range(n.AttributesLength()):
+                if n.Attributes(a).Type() == AttributeType.GRAPH:
+                    walk(n.Attributes(a).G())
+
+    walk(InferenceSession.InferenceSession.GetRootAs(buf, 0).Model().Graph())
+    return spans
+
+
 # --------------------------------------------------------------------------------------
 # .onnx (protobuf ModelProto)
 # --------------------------------------------------------------------------------------
@@ -292,14 +321,74 @@ def fold_constants(graph: Graph) -> tuple[dict[str, np.ndarray], dict[str, tuple
     return values, lineage
 
 
+# Quantized operators of ORT's dynamic quantization (`quantize_dynamic`, then the ORT optimizer):
+# op -> input index of the uint8 weight, of its per-tensor scale and of its zero point.
+QUANT_WEIGHT_INPUTS = {
+    "MatMulIntegerToFloat": (1, 3, 5),  # A_q, B_q, a_scale, b_scale, a_zero_point, b_zero_point[, bias]
+    "DynamicQuantizeMatMul": (1, 2, 3),  # A (float), B_q, b_scale, b_zero_point[, bias]
+}
+
+
+@dataclass
+class QuantWeight:
+    """A uint8/int8 weight the runtime reads as is: float value = (q - zero_point) * scale."""
+
+    data: str  # initializer names
+    scale: str
+    zero_point: str
+    reader: str  # op that reads it: a QUANT_WEIGHT_INPUTS op, or "Gather" (embedding, DequantizeLinear after)
+
+
+def quantized_weights(graph: Graph) -> dict[str, QuantWeight]:
+    """Every weight stored for ORT's quantized operators, by its data initializer.
+
+    These weights are never turned back into float inside the graph: MatMulIntegerToFloat and
+    DynamicQuantizeMatMul multiply by them in integers; the embedding is gathered in uint8 and
+    the picked rows go through DequantizeLinear.
+    """
+    found: dict[str, QuantWeight] = {}
+
+    def add(data: str, scale: str, zero: str, reader: str) -> None:
+        ok = all(x in graph.initializers for x in (data, scale, zero)) and graph.initializers[scale].size == 1 \
+            and graph.initializers[zero].size == 1
+        check(ok, graph, f"{reader} weight {data!r} has no constant per-tensor scale / zero point")
+        check(found.get(data, QuantWeight(data, scale, zero, reader)) == QuantWeight(data, scale, zero, reader),
+              graph, f"{data!r} is read with two different scales")
+        found[data] = QuantWeight(data, scale, zero, reader)
+
+    for node in graph.nodes:
+        if node.op in QUANT_WEIGHT_INPUTS:
+            b, s, z = (node.inputs[i] if i < len(node.inputs) else "" for i in QUANT_WEIGHT_INPUTS[node.op])
+            if b in graph.initializers:
+                add(b, s, z, node.op)
+        elif node.op == "Gather" and graph.initializers.get(node.inputs[0], np.zeros(0)).dtype in (np.uint8, np.int8):
+            deq = [c for c, i in graph.consumers.get(node.outputs[0], []) if c.op == "DequantizeLinear" and i == 0]
+            # (Both `If` branches hold a copy of the Gather and its DequantizeLinear.)
+            check(bool(deq) and all(len(d.inputs) == 3 for d in deq), graph,
+                  f"{node.name}: gathered int8 rows are not dequantized by DequantizeLinear")
+            for d in deq:
+                add(node.inputs[0], d.inputs[1], d.inputs[2], "Gather")
+    return found
+
+
+def dequantize(graph: Graph, q: QuantWeight) -> np.ndarray:
+    """(q - zero_point) * scale in float32: the integer difference is exact, one rounding after."""
+    data, zero = graph.initializers[q.data], graph.initializers[q.zero_point]
+    diff = data.astype(np.int32) - zero.astype(np.int32).reshape(())
+    return (diff.astype(np.float32) * graph.initializers[q.scale].astype(np.float32).reshape(())).astype(np.float32)
+
+
 def collect_params(graph: Graph) -> list[Param]:
     """Every tensor a layer reads as a weight.
 
-    int8 initializers are followed along their folded dequantization chain to its end;
+    int8 initializers are followed along their folded dequantization chain to its end; the
+    uint8 weights of ORT's quantized operators are dequantized as those operators read them;
     float32 initializers named like parameters (state-dict names, or `onnx::Op_N`) are used
     as they are. Graph-internal constants (names starting with '/': eps, shapes, inv_freq)
     are not parameters; `derive_config` reads a few of them.
     """
+    quant = quantized_weights(graph)
+    scales = {x for q in quant.values() for x in (q.scale, q.zero_point)}
     values, lineage = fold_constants(graph)
     folded_consumed = {x for n in graph.nodes if n.outputs and n.outputs[0] in lineage for x in n.inputs}
     ends_by_root: dict[str, list[str]] = {}
@@ -309,7 +398,13 @@ def collect_params(graph: Graph) -> list[Param]:
             ends_by_root.setdefault(root, []).append(t)
     params = []
     for name, arr in graph.initializers.items():
-        if arr.dtype in (np.int8, np.uint8):
+        if name in quant:
+            q = quant[name]
+            params.append(Param(name, dequantize(graph, q), name,
+                                f"{arr.dtype} -> (q - zero_point[]) * scale[] in {q.reader}"))
+        elif name in scales:
+            continue
+        elif arr.dtype in (np.int8, np.uint8):
             ends = ends_by_root.get(name, [])
             check(len(ends) == 1, graph, f"int8 initializer {name!r} has {len(ends)} dequantized uses")
             params.append(Param(ends[0], values[ends[0]], name,
