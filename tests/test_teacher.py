@@ -1,0 +1,99 @@
+"""The frozen base as the teacher of replay rows: targets it writes itself, and the distillation term."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from conftest import write_tiny_corpus
+from mlx_moonshine import teacher as teach
+from mlx_moonshine import trainer as tr
+from mlx_moonshine.data import load_manifest
+from mlx_moonshine.decoding import DecodingOptions
+from mlx_moonshine.loading import load
+from mlx_moonshine.train_batches import make_batch
+from mlx_moonshine.train_step import default_loss, forward_logits
+
+
+def _args(**kw):
+    base = dict(max_steps=12, lr=1e-2, batch_size=2, warmup_steps=0, eval_every=100, log_every=4,
+                val_wer_samples=0, rank=4, alpha=8, dropout=0.0, max_seconds=None, pad_seconds=2.0, compile=False,
+                aux_loss_rows=0)
+    base.update(kw)
+    return tr.TrainArgs(**base)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    root = tmp_path_factory.mktemp("teacher")
+    return {"train": write_tiny_corpus(root, "train", 6, seed=5), "replay": write_tiny_corpus(root, "replay", 6, seed=6)}
+
+
+def test_domain_style():
+    assert teach.domain_style("He was not an ill-disposed young man, Mr. Dashwood's!") == \
+        "he was not an ill disposed young man mr dashwood's"
+
+
+def test_base_targets_are_the_base_transcripts_and_are_cached(tiny_model_dir, corpus, tmp_path, monkeypatch):
+    from mlx_moonshine.transcription import transcribe
+
+    model, processor = load(tiny_model_dir)
+    rows = load_manifest(corpus["replay"]).samples
+    options = DecodingOptions()
+    out = teach.base_targets(model, processor, rows, options, tmp_path, log=lambda m: None)
+    assert [s.text for s in out] == transcribe(model, processor, [s.audio_path for s in rows], options)
+    assert [s.id for s in out] == [s.id for s in rows] and (tmp_path / teach.TARGETS_FILE).is_file()
+
+    def no_decoding(*a, **k):
+        raise AssertionError("the cached targets should have been reused")
+
+    monkeypatch.setattr("mlx_moonshine.transcription.transcribe_clips", no_decoding)
+    again = teach.base_targets(model, processor, rows, options, tmp_path, style="domain", log=lambda m: None)
+    assert [s.text for s in again] == [teach.domain_style(s.text) for s in out]
+
+
+def _replay_batch(tiny_model_dir, corpus):
+    model, processor = load(tiny_model_dir)
+    rows = load_manifest(corpus["replay"]).samples[:4]
+    args = _args()
+    table = teach.teacher_table(model, processor, rows, args, k=4)
+    return model, table.attach(make_batch(rows, processor, args), rows), rows, table
+
+
+def test_weight_zero_is_plain_replay_and_rows_without_teacher_are_untouched(tiny_model_dir, corpus):
+    model, batch, _, _ = _replay_batch(tiny_model_dir, corpus)
+    assert teach.distill_loss(default_loss, 0.0) is default_loss  # weight 0: exactly the plain loss
+    plain, n = default_loss(model, batch)
+    masked = dict(batch, teacher_mask=mx.zeros_like(batch["teacher_mask"]))
+    kd, n2 = teach.distill_loss(default_loss, 3.0)(model, masked)
+    assert kd.item() == plain.item() and n.item() == n2.item()  # rows without a teacher: plain cross entropy
+    with_teacher, _ = teach.distill_loss(default_loss, 3.0)(model, batch)
+    assert with_teacher.item() > plain.item()  # the soft term is added where the teacher is
+
+
+def _kl_to_base(model, base, batch):
+    """Mean KL(base || model) over the label positions of `batch` (full vocabulary)."""
+    lb = forward_logits(base, batch).astype(mx.float32)
+    lm = forward_logits(model, batch).astype(mx.float32)
+    pb = mx.softmax(lb, axis=-1)
+    kl = (pb * (mx.log(pb + 1e-12) - (lm - mx.logsumexp(lm, axis=-1, keepdims=True)))).sum(-1)
+    mask = batch["labels"] != -100
+    return float((kl * mask).sum().item() / mask.sum().item())
+
+
+def test_distillation_pulls_the_adapted_model_toward_the_base(tiny_model_dir, corpus, tmp_path):
+    """Replay rows whose manifest targets the base does not say: with kd > 0 the tuned model stays closer."""
+    base, processor = load(tiny_model_dir)
+    base.eval()
+    replay = load_manifest(corpus["replay"]).samples
+    probe = make_batch(replay[:4], processor, _args())
+    kls = {}
+    for kd in (0.0, 5.0):
+        model, processor = load(tiny_model_dir)
+        tr.train(model, processor, load_manifest(corpus["train"]), load_manifest(corpus["train"]),
+                 _args(replay_ratio=0.5, replay_targets="manifest", replay_kd=kd), run_dir=tmp_path / f"kd{kd}",
+                 replay_set=load_manifest(corpus["replay"]), log=lambda m: None, progress=False)
+        model.eval()
+        kls[kd] = _kl_to_base(model, base, probe)
+    assert kls[5.0] < 0.7 * kls[0.0], kls
