@@ -102,3 +102,20 @@ def test_dir_lists_the_public_api():
     names = dir(mlx_moonshine)
     assert all(name in names for name in PUBLIC) and "__version__" in names
     assert set(PUBLIC) <= set(mlx_moonshine.__all__)
+
+
+def test_cli_reference_in_readme_is_current():
+    """The README's CLI reference is click's own help (regenerate: python scripts/cli_reference.py --write)."""
+    import importlib.util
+
+    root = README.parent
+    spec = importlib.util.spec_from_file_location("cli_reference", root / "scripts" / "cli_reference.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.section() in README.read_text(), "README CLI reference is stale: run python scripts/cli_reference.py --write"
+
+
+def test_readme_has_the_two_quick_start_commands():
+    readme = README.read_text()
+    assert "mlx-moonshine quickstart" in readme
+    assert 'pip install -e ".[dev,ort]" && python -m pytest' in readme
