@@ -122,8 +122,9 @@ def resolve_args(cli: dict, config_file=None, resume=None, report: Optional[dict
 def _default_replay(paths: dict, merged: dict) -> None:
     """Replay unless told otherwise: no --replay means the bundled general-English set, at ratio 0.3.
 
-    Training on a narrow domain alone makes general speech worse (on the shared ATC set: heldout WER
-    +7.8 points without replay, -4.6 with it); `--replay none` or `--replay-ratio 0` turns it off.
+    Training on a narrow domain alone makes general speech worse (on the shared ATC set: heldout WER +7.8
+    points without replay; README "General speech" has the measured options); `--replay none` or
+    `--replay-ratio 0` turns it off.
     """
     replay = paths["replay"]
     if isinstance(replay, str) and replay.strip().lower() in NO_REPLAY:

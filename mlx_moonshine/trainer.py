@@ -224,16 +224,13 @@ def eval_loss(model, processor, samples, args: TrainArgs, loss: Callable = defau
 
 
 def eval_wer(model, processor, samples, options, batch_size: int = 8) -> dict:
-    """Corpus WER/CER of greedy/beam transcripts (the shared decoder) on `samples`."""
-    from .decoding import decode_batch
+    """Corpus WER/CER of the transcripts `eval` would write for `samples`: the same `transcribe_clips`
+    (audio pipeline, <= 20 s splitting, length-sorted batches) and the same decoding options."""
     from .metrics import corpus_scores, score
+    from .transcription import transcribe_clips
 
-    order = sorted(samples, key=lambda s: s.duration or 0.0)
-    rows = []
-    for b in range(0, len(order), batch_size):
-        chunk = order[b:b + batch_size]
-        for s, res in zip(chunk, decode_batch(model, processor, load_clips(chunk, processor), options)):
-            rows.append(dict(score(s.text, res.text), id=s.id))
+    results = transcribe_clips(model, processor, [s.audio_path for s in samples], options, batch_size)
+    rows = [dict(score(s.text, res["text"]), id=s.id) for s, res in zip(samples, results)]
     out = corpus_scores(rows)
     out["samples"] = sorted(rows, key=lambda r: r["id"])
     return out

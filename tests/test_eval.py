@@ -260,3 +260,30 @@ def test_real_base_model_matches_transformers_wer_on_atc(shared_dir, base_hf_dir
         ours = summary["manifests"][name]["wer"]
         assert summary["manifests"][name]["n"] == n_rows
         assert abs(ours - wer) <= 0.005, f"{name}: MLX WER {ours:.4f} vs transformers {wer:.4f}"
+
+
+def test_in_training_wer_decodes_like_eval_even_past_20_seconds(tiny, tmp_path):
+    """Validation WER during training and `eval` share transcribe_clips: a 26 s clip is split alike."""
+    import numpy as np
+    import soundfile as sf
+
+    from mlx_moonshine.data import load_manifest
+    from mlx_moonshine.trainer import eval_wer
+
+    rng = np.random.default_rng(3)
+    folder = tmp_path / "long"
+    (folder / "audio").mkdir(parents=True)
+    rows = []
+    for i, seconds in enumerate((26.0, 1.3, 21.5)):
+        x = (0.1 * rng.standard_normal(int(16000 * seconds))).astype(np.float32)
+        x[int(16000 * seconds / 2):int(16000 * seconds / 2) + 8000] = 0.0  # a quiet point to split at
+        sf.write(folder / "audio" / f"l{i}.wav", x, 16000)
+        rows.append({"id": f"l{i}", "audio": f"audio/l{i}.wav", "text": "alpha bravo charlie"})
+    manifest = folder / "long.jsonl"
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    model, processor = tiny
+    summary = _eval(tiny, [manifest], tmp_path / "run")
+    in_training = eval_wer(model, processor, load_manifest(manifest).samples, DecodingOptions())
+    by_id = {r["id"]: r for r in _rows(tmp_path / "run")}
+    assert {r["id"]: r["hyp"] for r in in_training["samples"]} == {i: r["hyp_norm"] for i, r in by_id.items()}
+    assert in_training["wer"] == summary["manifests"]["long"]["wer"]
