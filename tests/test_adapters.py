@@ -421,7 +421,7 @@ def test_load_into_wrong_model_lists_every_mismatch(tmp_path):
 
 
 def test_tiny_moonshine_model():
-    model_mod = pytest.importorskip("mlx_moonshine.model")
+    from mlx_moonshine import model as model_mod
     args = model_mod.ModelArgs(vocab_size=50, hidden_size=32, intermediate_size=48,
                                encoder_num_hidden_layers=2, decoder_num_hidden_layers=2,
                                encoder_num_attention_heads=4, decoder_num_attention_heads=4)

@@ -244,7 +244,7 @@ def _peft_logits(hf_dir, peft_dir, x, ids):
 
 @pytest.mark.parametrize("kind", ["lora", "dora"])
 def test_peft_export_loads_on_transformers_streaming(kind, hf_dir, mlx_dir, tmp_path):
-    export = pytest.importorskip("mlx_moonshine.export.peft", reason="export/peft.py not written yet")
+    from mlx_moonshine.export import peft as export
     model, _ = load(mlx_dir)
     config = AdapterConfig(kind=kind, r=4, alpha=8.0, targets=["q_proj", "v_proj", "fc2"])
     apply_adapters(model, config)
@@ -268,8 +268,7 @@ def test_peft_export_loads_on_transformers_streaming(kind, hf_dir, mlx_dir, tmp_
 @pytest.mark.slow  # the whole user path, ~7 s
 def test_train_cli_then_peft_parity(hf_dir, mlx_dir, tmp_path):
     """convert -> `mlx-moonshine train` (a few steps) -> export peft -> PEFT in transformers."""
-    pytest.importorskip("mlx_moonshine.trainer", reason="trainer.py not written yet")
-    export = pytest.importorskip("mlx_moonshine.export.peft", reason="export/peft.py not written yet")
+    from mlx_moonshine.export import peft as export
     from click.testing import CliRunner
 
     from conftest import write_tiny_corpus
@@ -296,7 +295,7 @@ def test_train_cli_then_peft_parity(hf_dir, mlx_dir, tmp_path):
 
 
 def test_encoder_cache_keeps_every_streaming_frame(mlx_dir, tmp_path):
-    trainer = pytest.importorskip("mlx_moonshine.trainer", reason="trainer.py not written yet")
+    from mlx_moonshine import trainer
     from conftest import write_tiny_corpus
     from mlx_moonshine.data import load_manifest
 
