@@ -244,13 +244,13 @@ def compare_cmd(run_a, run_b, heldout, canary, **kwargs):
               help="General-speech manifest mixed into every batch (default: the bundled general-English set, "
                    "270 clips; 'none' turns replay off).")
 @click.option("--replay-ratio", default=None, type=click.FloatRange(0, 1, max_open=True),
-              help="Share of training rows drawn from the replay set (default 0.3; 0: off).")
+              help="Share of training rows drawn from the replay set (default 0.5; 0: off).")
 @click.option("--replay-targets", default=None, type=click.Choice(["base", "manifest"]),
               help="Who writes the replay targets: the frozen base model's own transcripts (default: keeps its "
                    "words, casing and punctuation on general speech) or the replay manifest's texts.")
 @click.option("--replay-kd", default=None, type=click.FloatRange(min=0),
               help="Weight of the distillation term toward the base's token distribution on replay rows "
-                   "(default 1.0; 0: off).")
+                   "(default 2.0; 0: off).")
 @click.option("--transcript-style", default=None, type=click.Choice(["base", "domain"]),
               help="Outside the domain: keep the base's casing/punctuation (default) or adopt the domain's "
                    "style (lowercase, no punctuation) everywhere.")

@@ -115,8 +115,8 @@ def quickstart(out_dir: str | Path = "runs/quickstart", minutes: float = 12.0, s
                    canary=canary or "none",
                    out=str(run), baseline_run=str(out / "baseline"), max_steps=steps, max_minutes=minutes,
                    eval_every=100, val_wer_samples=20)
-        # train's default mixes the bundled general-English replay set into every batch (ratio 0.3):
-        # that is what keeps the heldout guardrail (see examples/atc/README.md)
+        # train's default mixes the bundled general-English replay set into every batch (ratio 0.5) with the
+        # base model as its teacher: that is what keeps general speech (README, "General speech")
         resume = run if (run / "checkpoint").exists() else None
         run_training(cli, resume=resume, decoding=options, log=log)
 

@@ -29,7 +29,7 @@ GENERIC_HYPOTHESIS = ("A low-rank adapter trained on in-domain speech cuts the d
 # Mixed into training unless told otherwise: 270 clean general-English clips (espeak-ng voices none of the
 # heldout sets use, no heldout sentence), made by examples/atc/make_data.py --replay-only.
 BUILTIN_REPLAY = Path(__file__).resolve().parent / "general_replay" / "general_replay.jsonl"
-DEFAULT_REPLAY_RATIO = 0.3
+DEFAULT_REPLAY_RATIO = 0.5
 NO_REPLAY = ("none", "off", "no", "")
 
 
@@ -120,7 +120,7 @@ def resolve_args(cli: dict, config_file=None, resume=None, report: Optional[dict
 
 
 def _default_replay(paths: dict, merged: dict) -> None:
-    """Replay unless told otherwise: no --replay means the bundled general-English set, at ratio 0.3.
+    """Replay unless told otherwise: no --replay means the bundled general-English set, at ratio 0.5.
 
     Training on a narrow domain alone makes general speech worse (on the shared ATC set: heldout WER +7.8
     points without replay; README "General speech" has the measured options); `--replay none` or

@@ -72,7 +72,7 @@ class TrainArgs:
     perturb_sigma: float = 0.0  # Flat-LoRA weight noise; 0: off
     seed: int = 0
     # Validation and stopping
-    eval_every: int = 50  # steps between validations and checkpoints
+    eval_every: int = 100  # steps between validations and checkpoints (each costs ~50 steps of time on a CPU)
     log_every: int = 10  # steps between metrics rows
     val_batches: int = 0  # batches of val for the val loss; 0: all rows
     val_wer_samples: int = 60  # first rows of val decoded for the val WER; 0: none
@@ -86,7 +86,7 @@ class TrainArgs:
     # Who writes the replay targets: "base" (the frozen base model's own transcripts: its words, case and
     # punctuation) or "manifest" (the replay manifest's texts). See teacher.py.
     replay_targets: str = "base"
-    replay_kd: float = 1.0  # weight of the distillation term toward the base's distribution on replay rows; 0: off
+    replay_kd: float = 2.0  # weight of the distillation term toward the base's distribution on replay rows; 0: off
     kd_topk: int = 16  # teacher tokens kept per position for the distillation term
     transcript_style: str = "base"  # outside the domain: "base" keeps the base's style, "domain" adopts the domain's
     augment: str = ""  # comma list of noise, speed, timemask; "" = off

@@ -277,16 +277,16 @@ def test_replay_is_on_by_default_and_can_be_turned_off():
 
     base = {"model": "m", "train": "t", "val": "v", "out": "o"}
     args, paths = train_report.resolve_args(dict(base))
-    assert paths["replay"] == str(train_report.BUILTIN_REPLAY) and args.replay_ratio == 0.3
+    assert paths["replay"] == str(train_report.BUILTIN_REPLAY) and args.replay_ratio == train_report.DEFAULT_REPLAY_RATIO == 0.5
     assert load_manifest(train_report.BUILTIN_REPLAY).samples  # ships with the package and loads
     args, paths = train_report.resolve_args(dict(base, replay="none"))
     assert paths["replay"] is None and args.replay_ratio == 0.0
     args, paths = train_report.resolve_args(dict(base, replay_ratio=0.0))
     assert paths["replay"] is None and args.replay_ratio == 0.0
     args, paths = train_report.resolve_args(dict(base, replay="my.jsonl"))
-    assert paths["replay"] == "my.jsonl" and args.replay_ratio == 0.3
-    args, paths = train_report.resolve_args(dict(base, replay_ratio=0.5))
-    assert paths["replay"] == str(train_report.BUILTIN_REPLAY) and args.replay_ratio == 0.5
+    assert paths["replay"] == "my.jsonl" and args.replay_ratio == 0.5
+    args, paths = train_report.resolve_args(dict(base, replay_ratio=0.25))
+    assert paths["replay"] == str(train_report.BUILTIN_REPLAY) and args.replay_ratio == 0.25
 
 
 def test_bad_manifest_is_a_clear_cli_error(tiny, tmp_path):
