@@ -536,7 +536,8 @@ def test_second_training_into_a_busy_folder_is_refused(env, tmp_path):
                              env=dict(os.environ, PYTHONPATH=str(REPO)))
     try:
         deadline = time.time() + 120
-        while time.time() < deadline and not (run / "metrics.jsonl").exists():
+        # train_config.json is written just after metrics.jsonl is opened: wait for both (a loaded box is slow).
+        while time.time() < deadline and not ((run / "metrics.jsonl").exists() and (run / "train_config.json").exists()):
             assert first.poll() is None, "the first training ended early"
             time.sleep(0.05)
         holder = json.loads((run / ".lock").read_text())
