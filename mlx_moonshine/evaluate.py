@@ -152,6 +152,21 @@ def _decode_group(model, processor, samples: list[Sample], options: DecodingOpti
     return done, bad
 
 
+def _decode_rows(model, processor, group: list[Sample], options: DecodingOptions, batch_size: int,
+                 skip_invalid: bool, name: str, normalizer: TextNormalizer) -> tuple[list[dict], list[list]]:
+    """Prediction rows of one decode batch and [id, reason] of its clips set aside (JSON-able: gathered)."""
+    t0 = time.perf_counter()
+    decoded, bad = _decode_group(model, processor, group, options, batch_size, skip_invalid, name)
+    per_clip = (time.perf_counter() - t0) / max(len(decoded), 1)
+    rows = []
+    for s, res in decoded:
+        row = _score_row(name, s, res["text"], res["seconds"], res["truncated"], per_clip, normalizer)
+        if res.get("warnings"):
+            row["warnings"] = res["warnings"]
+        rows.append(row)
+    return rows, [list(b) for b in bad]
+
+
 def _manifest_summary(rows: list[dict], record: dict, n_skipped: int) -> dict:
     c = corpus_scores(rows) if rows else dict(n=0, wer=0.0, cer=0.0, word_errors=0, ref_words=0)
     audio_s = sum(r["seconds"] for r in rows)
@@ -251,16 +266,7 @@ def evaluate(model, processor, manifests: Sequence[str | Path], out_dir: str | P
                            file=sys.stderr, disable=not progress, dynamic_ncols=True)
 
                 def decode(group):
-                    t0 = time.perf_counter()
-                    decoded, bad = _decode_group(model, processor, group, options, batch_size, skip_invalid, name)
-                    per_clip = (time.perf_counter() - t0) / max(len(decoded), 1)
-                    rows = []
-                    for s, res in decoded:
-                        row = _score_row(name, s, res["text"], res["seconds"], res["truncated"], per_clip, normalizer)
-                        if res.get("warnings"):
-                            row["warnings"] = res["warnings"]
-                        rows.append(row)
-                    return rows, [list(b) for b in bad]
+                    return _decode_rows(model, processor, group, options, batch_size, skip_invalid, name, normalizer)
 
                 groups = [todo[b:b + batch_size] for b in range(0, len(todo), batch_size)]
                 try:
