@@ -105,8 +105,9 @@ def main():
     print("| processes x threads | steps/s | audio s/s | loop s | wall s | load avg before/after | last train loss |")
     print("|---|---|---|---|---|---|---|")
     for r in results:
-        print(f"| {r['procs']} x {r['threads']} | {r['steps_per_s']:.3f} | {r['audio_s_per_s']:.2f} | {r['loop_s']:.1f} | "
-              f"{r['wall_s']:.1f} | {r['load_before']:.2f} / {r['load_after']:.2f} | {r['final_loss']:.4f} |")
+        print(f"| {r['procs']} x {r['threads']} | {r['steps_per_s']:.3f} | {r['audio_s_per_s']:.2f} | "
+              f"{r['loop_s']:.1f} | {r['wall_s']:.1f} | {r['load_before']:.2f} / {r['load_after']:.2f} | "
+              f"{r['final_loss']:.4f} |")
     print(f"\nspeed-up {results[0]['loop_s'] / results[1]['loop_s']:.2f}x")
 
 

@@ -89,7 +89,8 @@ class World:
             return
         self._stopping = True
         raise DistributedError(f"process {self.rank} of {self.size} was stopped by the launcher because another "
-                               "process of this run ended (its error is above); continue the run with --resume")
+                               "process of this run ended (see above: its error, or the launcher's line on how it "
+                               "ended); continue the run with --resume")
 
     @contextmanager
     def waiting(self, what: str) -> Iterator[None]:
@@ -102,8 +103,7 @@ class World:
             yield
         except RuntimeError as e:  # the ring backend: "[ring] connection to a peer was lost"
             raise DistributedError(f"process {self.rank} of {self.size} lost the other processes while {what} "
-                                   f"({e}); one of them stopped (its error is above). Continue the run with "
-                                   "--resume") from e
+                                   f"({e}); one of them stopped (see above). Continue the run with --resume") from e
         finally:
             self._waiting = None
 

@@ -17,6 +17,9 @@ the epoch it was (see train_state.py for the run folder and checkpoints).
 
 When every adapter sits in the decoder and no augmentation is on, the encoder is frozen and
 deterministic: its outputs are computed once per utterance and kept in RAM (`EncoderCache`).
+
+Under `mlx.launch` each process trains on its rows of every global batch and the step averages the
+processes' token-weighted sums; validation and WER batches are shared out (see distributed.py).
 """
 
 from __future__ import annotations
