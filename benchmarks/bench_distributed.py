@@ -52,7 +52,7 @@ def audio_seconds(run: Path, steps: int) -> float:
 
 def run_once(procs: int, threads: int, a, out: Path) -> dict:
     cfg = out.parent / "bench.yaml"
-    cfg.write_text("val_wer_samples: 0\nval_batches: 1\nlog_every: 5\n")
+    cfg.write_text("val_wer_samples: 0\nval_batches: 1\nlog_every: 5\ndropout: 0.0\n")  # dropout 0: the same curve
     cli = [sys.executable, "-m", "mlx_moonshine", "train", "--model", a.model, "--train", a.train, "--val", a.val,
            "--replay", "none", "--max-steps", str(a.steps), "--batch-size", str(a.batch_size),
            "--eval-every", "100000", "-c", str(cfg), "-o", str(out)]
