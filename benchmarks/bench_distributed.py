@@ -61,7 +61,14 @@ def run_once(procs: int, threads: int, a, out: Path) -> dict:
                MLX_MOONSHINE_CANARY="none", PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
     load_before = os.getloadavg()[0]
     t0 = time.perf_counter()
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    # mlx.launch (MLX 0.32.4) polls its stdin and spins at EOF (~35% of a core here, under </dev/null or from a
+    # script): give it a pipe that stays open and silent instead.
+    quiet_in, keep_open = os.pipe()
+    try:
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, stdin=quiet_in)
+    finally:
+        os.close(quiet_in)
+        os.close(keep_open)
     wall = time.perf_counter() - t0
     if done.returncode != 0 or "error:" in done.stderr:
         raise SystemExit(done.stderr[-3000:])

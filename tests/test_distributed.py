@@ -48,8 +48,19 @@ def _cmd(n: int, *args) -> list[str]:
     return [LAUNCH, "-n", str(n), "--backend", "ring", "-p", str(_free_port()), "--", *cli]
 
 
+def _quiet_stdin() -> tuple[int, int]:
+    """A pipe that stays open and silent: mlx.launch (0.32.4) spins on a stdin at EOF, costing a core's third."""
+    return os.pipe()
+
+
 def _run(n: int, *args, timeout=120) -> subprocess.CompletedProcess:
-    done = subprocess.run(_cmd(n, *args), capture_output=True, text=True, timeout=timeout, env=_env())
+    quiet_in, keep_open = _quiet_stdin()
+    try:
+        done = subprocess.run(_cmd(n, *args), capture_output=True, text=True, timeout=timeout, env=_env(),
+                              stdin=quiet_in)
+    finally:
+        os.close(quiet_in)
+        os.close(keep_open)
     assert done.returncode == 0 and "error:" not in done.stderr, done.stderr[-3000:]
     return done
 
@@ -151,7 +162,9 @@ def test_killed_process_stops_the_run_then_resume_continues(corpus, tmp_path):
     cfg.write_text("".join(f"{k}: {'null' if v is None else v}\n" for k, v in opts.items()))
     cmd = _cmd(2, "train", "--model", corpus["model"], "--train", corpus["train"], "--val", corpus["val"],
                "--replay", "none", "--batch-size", 3, "-c", cfg, "--max-steps", 3000, "-o", run)
-    launcher = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env())
+    quiet_in, keep_open = _quiet_stdin()
+    launcher = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env(),
+                                stdin=quiet_in)
     try:
         state, deadline = run / "checkpoint" / "state.json", time.time() + 60
         while time.time() < deadline and launcher.poll() is None:
@@ -165,6 +178,8 @@ def test_killed_process_stops_the_run_then_resume_continues(corpus, tmp_path):
     finally:
         if launcher.poll() is None:
             launcher.kill()
+        os.close(quiet_in)
+        os.close(keep_open)
     assert "error: process 0 of 2" in out and "--resume" in out, out[-2000:]
     step = json.loads(state.read_text())["step"]
     assert 4 <= step < 3000
