@@ -10,6 +10,9 @@ A run folder (RUN) holds:
 
 Resuming requires the same model, adapter, options and normalisation as recorded in run.json; otherwise
 the run is refused (use a new RUN or `force=True`, which starts over), so no file ever mixes two setups.
+
+Under `mlx.launch` the decode batches (the same batches as in one process) are shared out between the
+processes and their rows gathered in batch order; only rank 0 writes RUN (distributed.py).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from typing import Optional, Sequence
 
 from .data import Sample, copy_manifest, load_manifest
 from .decoding import DecodingOptions
+from .distributed import world as _world
 from .errors import AudioError, MoonshineError
 from .io import atomic_write_json, atomic_write_text, run_lock, sha256_file, writing
 from .metrics import TextNormalizer, corpus_scores, score
@@ -148,6 +152,21 @@ def _decode_group(model, processor, samples: list[Sample], options: DecodingOpti
     return done, bad
 
 
+def _decode_rows(model, processor, group: list[Sample], options: DecodingOptions, batch_size: int,
+                 skip_invalid: bool, name: str, normalizer: TextNormalizer) -> tuple[list[dict], list[list]]:
+    """Prediction rows of one decode batch and [id, reason] of its clips set aside (JSON-able: gathered)."""
+    t0 = time.perf_counter()
+    decoded, bad = _decode_group(model, processor, group, options, batch_size, skip_invalid, name)
+    per_clip = (time.perf_counter() - t0) / max(len(decoded), 1)
+    rows = []
+    for s, res in decoded:
+        row = _score_row(name, s, res["text"], res["seconds"], res["truncated"], per_clip, normalizer)
+        if res.get("warnings"):
+            row["warnings"] = res["warnings"]
+        rows.append(row)
+    return rows, [list(b) for b in bad]
+
+
 def _manifest_summary(rows: list[dict], record: dict, n_skipped: int) -> dict:
     c = corpus_scores(rows) if rows else dict(n=0, wer=0.0, cer=0.0, word_errors=0, ref_words=0)
     audio_s = sum(r["seconds"] for r in rows)
@@ -211,6 +230,9 @@ def evaluate(model, processor, manifests: Sequence[str | Path], out_dir: str | P
         manifests={name: dict(source=str(m.path), sha256=m.sha256) for name, m in loaded.items()},
         mlx_moonshine_version=_version(),
     )
+    world = _world()
+    out_dir = world.local_folder(out_dir, (RUN_FILE, PREDICTIONS_FILE, SUMMARY_FILE))  # others: a private copy
+    progress = progress and world.is_main
     with run_lock(out_dir, "eval"):  # a second eval into this folder would write every id twice
         old = _check_resume(out_dir, run, force)
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -242,27 +264,25 @@ def evaluate(model, processor, manifests: Sequence[str | Path], out_dir: str | P
                 todo = [s for s in todo if s.id not in {i for i, _ in failed}]
                 bar = tqdm(total=len(samples), initial=len(samples) - len(todo), desc=name, unit="clip",
                            file=sys.stderr, disable=not progress, dynamic_ncols=True)
+
+                def decode(group):
+                    return _decode_rows(model, processor, group, options, batch_size, skip_invalid, name, normalizer)
+
+                groups = [todo[b:b + batch_size] for b in range(0, len(todo), batch_size)]
                 try:
-                    for b in range(0, len(todo), batch_size):
-                        group = todo[b:b + batch_size]
-                        t0 = time.perf_counter()
-                        decoded, bad = _decode_group(model, processor, group, options, batch_size, skip_invalid, name)
-                        per_clip = (time.perf_counter() - t0) / max(len(decoded), 1)
-                        failed += bad
-                        batch_rows = []
-                        for s, res in decoded:
-                            row = _score_row(name, s, res["text"], res["seconds"], res["truncated"], per_clip,
-                                             normalizer)
-                            if res.get("warnings"):
-                                row["warnings"] = res["warnings"]
-                            done[s.id] = row
-                            for w in row.get("warnings", []):
-                                bar.write(f"warning: {w}", file=sys.stderr)
-                                warned.setdefault(name, []).append([s.id, w])
-                            batch_rows.append(json.dumps(row, ensure_ascii=False) + "\n")
-                        with writing(pred_path):
-                            _write_all(pred_file, "".join(batch_rows).encode("utf-8"))
-                        bar.update(len(group))
+                    for results in world.map_groups(groups, decode):  # one group a round in one process
+                        for decoded, bad in results:
+                            failed += [tuple(b) for b in bad]
+                            batch_rows = []
+                            for row in decoded:
+                                done[row["id"]] = row
+                                for w in row.get("warnings", []):
+                                    bar.write(f"warning: {w}", file=sys.stderr)
+                                    warned.setdefault(name, []).append([row["id"], w])
+                                batch_rows.append(json.dumps(row, ensure_ascii=False) + "\n")
+                            with writing(pred_path):
+                                _write_all(pred_file, "".join(batch_rows).encode("utf-8"))
+                            bar.update(len(decoded) + len(bad))
                 finally:
                     bar.close()
                 kept = [done[s.id] for s in samples if s.id in done]

@@ -57,14 +57,17 @@ def augment_audio(x: np.ndarray, kinds: Sequence[str], rng: np.random.Generator)
     return x.astype(np.float32, copy=False)
 
 
-def load_clips(samples, processor, kinds=(), seed_path=None) -> list[np.ndarray]:
+def load_clips(samples, processor, kinds=(), seed_path=None, positions=None) -> list[np.ndarray]:
     """Model input for each sample through THE shared `prepare_audio`; augmented when `kinds` is set.
 
-    `seed_path` (seed, epoch, batch index) makes the augmentation a pure function of the position.
+    `seed_path` (seed, epoch, batch index) and the rows' `positions` in their batch (default 0, 1, ...; a
+    process's shard of a global batch passes its rows' places) make the augmentation a pure function of
+    the position.
     """
     clips = [prepare_audio(s.audio_path, processor.audio) for s in samples]
     if kinds:
-        clips = [augment_audio(x, kinds, np.random.default_rng([*seed_path, j])) for j, x in enumerate(clips)]
+        positions = range(len(clips)) if positions is None else positions
+        clips = [augment_audio(x, kinds, np.random.default_rng([*seed_path, j])) for j, x in zip(positions, clips)]
     return clips
 
 
@@ -112,7 +115,7 @@ class EncoderCache:
 
 
 def make_batch(samples, processor, args, *, cache: Optional[EncoderCache] = None,
-               augment_seed=None, max_len: Optional[int] = None) -> dict:
+               augment_seed=None, max_len: Optional[int] = None, positions=None) -> dict:
     """Model inputs for `samples`: tokens, labels and either audio+lengths or cached memory+valid."""
     tokens, labels = tokenize(processor, [s.text for s in samples], max_len)
     batch = {"tokens": mx.array(tokens), "labels": mx.array(labels)}
@@ -120,6 +123,6 @@ def make_batch(samples, processor, args, *, cache: Optional[EncoderCache] = None
         batch["memory"], batch["valid"] = cache.batch(samples)
         return batch
     kinds = args.augment_kinds if augment_seed is not None else ()
-    x, lengths = pad_audio(load_clips(samples, processor, kinds, augment_seed), args.pad_seconds)
+    x, lengths = pad_audio(load_clips(samples, processor, kinds, augment_seed, positions), args.pad_seconds)
     batch["audio"], batch["lengths"] = mx.array(x), mx.array(lengths)
     return batch

@@ -371,9 +371,17 @@ def run_training(cli: dict, *, config_file=None, resume=None, fuse: bool = False
         RunLockedError: another live process is training into the same run folder.
         TrainingError: bad options or data, or the run diverged (report.md is written first).
     """
+    from .distributed import world
+
     t0 = time.perf_counter()
     report_opts: dict = {}
+    w = world()
+    if w.size > 1:  # under mlx.launch: rank 0 writes the run; the others work in a private copy of it
+        resume = w.local_folder(resume, skip=("eval", "fused", "manifests")) if resume is not None else None
+        log = log if w.is_main else (lambda m: None)
     args, paths = resolve_args(cli, config_file, resume, report=report_opts)
+    if not w.is_main:
+        paths["out"] = str(resume if resume is not None else w.private_folder())
     # Two trainings into one folder would interleave metrics.jsonl and overwrite each other's adapters.
     with run_lock(Path(paths["out"]), "train", log=log):
         return _run_training(args, paths, t0, report_opts, resume=resume, fuse=fuse, decoding=decoding,
@@ -384,6 +392,7 @@ def _run_training(args: TrainArgs, paths: dict, t0: float, report_opts: dict, *,
                   skip_invalid: bool, log: Callable[[str], None]) -> dict:
     from .adapters import fuse_model, load_adapters
     from .canary import resolve_canary
+    from .distributed import world
     from .data import load_manifest
     from .decoding import DecodingOptions
     from .loading import load, save
@@ -421,7 +430,7 @@ def _run_training(args: TrainArgs, paths: dict, t0: float, report_opts: dict, *,
         raise
     adapter_dir = run / BEST if (run / BEST / "adapters.safetensors").is_file() else run
     evals = final_eval(run, paths, decoding, adapter_dir, log=log)
-    if fuse:
+    if fuse and world().is_main:
         fused, processor = load(paths["model"])
         load_adapters(fused, adapter_dir)
         fuse_model(fused)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from functools import partial
-from typing import Callable
+from typing import Callable, Optional
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -52,11 +52,13 @@ class Stepper:
     """The training step: forward, backward, (accumulate), guarded AdamW update.
 
     Gradients of micro-batches are summed weighted by their token counts, so an accumulated step
-    equals one big batch (mean over all its label tokens).
+    equals one big batch (mean over all its label tokens). With `reduce` (data-parallel training,
+    `distributed.World.reduce_step`) the sums of every process are combined before the update, and a
+    micro-batch may be None (this process has no rows of it): it adds nothing.
     """
 
-    def __init__(self, model, optimizer, loss: Callable, compile: bool = True):
-        self.model, self.optimizer = model, optimizer
+    def __init__(self, model, optimizer, loss: Callable, compile: bool = True, reduce: Optional[Callable] = None):
+        self.model, self.optimizer, self.reduce = model, optimizer, reduce
         # The guarded update compares old and new state leaf by leaf: the state must exist up front.
         optimizer.init(model.trainable_parameters())  # keeps any state already there (resume)
         self.loss_and_grad = nn.value_and_grad(model, loss)
@@ -66,6 +68,7 @@ class Stepper:
         self._more = wrap(self._micro)
         self._step = wrap(self._single)
         self._finish = wrap(self._micro_and_apply)
+        self._apply_only = wrap(self._apply)
 
     def _micro(self, acc, batch):
         (loss, ntoks), grads = self.loss_and_grad(self.model, batch)
@@ -96,9 +99,24 @@ class Stepper:
     def _micro_and_apply(self, acc, batch):
         return self._apply(*self._micro(acc, batch))
 
-    def __call__(self, batches: list[dict]):
+    def _zeros(self):
+        zero = mx.array(0.0)
+        return tree_map(mx.zeros_like, self.model.trainable_parameters()), zero, zero
+
+    def _reduced(self, batches: list[Optional[dict]]):
+        """This process's token-weighted sums, computed, then combined with the other processes'."""
+        acc = None
+        for b in batches:
+            if b is not None:
+                acc = self._first(b) if acc is None else self._more(acc, b)
+                mx.eval(acc)
+        return self.reduce(acc if acc is not None else self._zeros())
+
+    def __call__(self, batches: list[Optional[dict]]):
         """One optimizer step over micro-batches; returns (loss, tokens, finite) evaluated."""
-        if len(batches) == 1:
+        if self.reduce is not None:
+            out = self._apply_only(*self._reduced(batches))
+        elif len(batches) == 1:
             out = self._step(batches[0])
         else:
             acc = self._first(batches[0])

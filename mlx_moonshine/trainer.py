@@ -17,6 +17,9 @@ the epoch it was (see train_state.py for the run folder and checkpoints).
 
 When every adapter sits in the decoder and no augmentation is on, the encoder is frozen and
 deterministic: its outputs are computed once per utterance and kept in RAM (`EncoderCache`).
+
+Under `mlx.launch` each process trains on its rows of every global batch and the step averages the
+processes' token-weighted sums; validation and WER batches are shared out (see distributed.py).
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from mlx.utils import tree_flatten
 
 from . import data as data_lib
 from . import fastmath
+from .distributed import world as _world
 from .adapters import AdapterConfig, adapter_layers, apply_adapters, load_adapters
 from .errors import MoonshineError
 from .teacher import base_targets, distill_loss, manifest_targets, teacher_table
@@ -210,27 +214,42 @@ def lr_schedule(args: TrainArgs) -> Callable:
 
 def eval_loss(model, processor, samples, args: TrainArgs, loss: Callable = default_loss,
               cache: Optional[EncoderCache] = None, max_batches: int = 0, max_len=None) -> float:
-    """Token-weighted mean loss over `samples` (fixed order; the first `max_batches` batches if > 0)."""
+    """Token-weighted mean loss over `samples` (fixed order; the first `max_batches` batches if > 0).
+
+    Under a launcher the batches are shared out between the processes and their values gathered: the
+    same batches, the same sum in the same order as in one process.
+    """
     batches = list(data_lib.iterate_batches(samples, args.batch_size, shuffle=False))
     if max_batches:
         batches = batches[:max_batches]
-    total, count = 0.0, 0
-    for b in batches:
+
+    def one(b):
         value, ntoks = loss(model, make_batch(b, processor, args, cache=cache, max_len=max_len))
         mx.eval(value, ntoks)
-        total += value.item() * ntoks.item()
-        count += ntoks.item()
+        return value.item(), ntoks.item()
+
+    total, count = 0.0, 0
+    for value, ntoks in _world().map_all(batches, one):
+        total += value * ntoks
+        count += ntoks
     return total / max(count, 1)
 
 
 def eval_wer(model, processor, samples, options, batch_size: int = 8) -> dict:
     """Corpus WER/CER of the transcripts `eval` would write for `samples`: the same `transcribe_clips`
     (audio pipeline, <= 20 s splitting, length-sorted batches) and the same decoding options."""
+    from .evaluate import _sample_length
     from .metrics import corpus_scores, score
     from .transcription import transcribe_clips
 
-    results = transcribe_clips(model, processor, [s.audio_path for s in samples], options, batch_size)
-    rows = [dict(score(s.text, res["text"]), id=s.id) for s, res in zip(samples, results)]
+    order = sorted(samples, key=_sample_length)  # the batches `eval` decodes: length-sorted groups
+
+    def one(chunk):
+        results = transcribe_clips(model, processor, [s.audio_path for s in chunk], options, batch_size)
+        return [dict(score(s.text, res["text"]), id=s.id) for s, res in zip(chunk, results)]
+
+    chunks = [order[b:b + batch_size] for b in range(0, len(order), batch_size)]
+    rows = [r for part in _world().map_all(chunks, one) for r in part]  # decode batches shared out, gathered
     out = corpus_scores(rows)
     out["samples"] = sorted(rows, key=lambda r: r["id"])
     return out
@@ -326,6 +345,8 @@ def train(model, processor, train_set, val_set, args: TrainArgs, *, run_dir=None
     if run_dir is None:
         raise TrainingError("train() needs run_dir, the folder to write the run into")
     run = Path(run_dir)
+    world = _world()  # under mlx.launch: this process's share of every global batch (distributed.py)
+    progress = progress and world.is_main
     decoding = decoding or DecodingOptions()
     warnings: list[str] = []
     train_samples = _filter_long(_samples(train_set), args.max_seconds, "train", warnings)
@@ -383,7 +404,8 @@ def train(model, processor, train_set, val_set, args: TrainArgs, *, run_dir=None
     if args.grad_checkpoint:
         set_grad_checkpoint(model, True)
     compile_step = args.compile if args.compile is not None else mx.default_device().type != mx.DeviceType.cpu
-    stepper = Stepper(model, optimizer, loss, compile=compile_step)
+    stepper = Stepper(model, optimizer, loss, compile=compile_step,
+                      reduce=world.reduce_step if world.size > 1 else None)
 
     writer = ts.RunWriter(run, resume_step=progress_state.step if checkpoint is not None else None)
     ts.write_run_files(run, model, processor, args, config, decoding, train_set, val_set, heldout_set,
@@ -446,11 +468,11 @@ def train(model, processor, train_set, val_set, args: TrainArgs, *, run_dir=None
             if p.batch_index >= len(batches):
                 p.epoch, p.batch_index = p.epoch + 1, 0
                 batches = epoch_batches(train_samples, args, p.epoch, iterate_batches, replay_train)
-            samples = batches[p.batch_index]
+            samples, positions = world.shard(batches[p.batch_index])  # all of it in one process
             aug_seed = (args.seed, p.epoch, p.batch_index) if args.augment_kinds else None
             batch = make_batch(samples, processor, args, cache=caches.get("train"), augment_seed=aug_seed,
-                               max_len=max_len)
-            micro.append(teacher.attach(batch, samples) if teacher is not None else batch)
+                               max_len=max_len, positions=positions) if samples else None
+            micro.append(teacher.attach(batch, samples) if teacher is not None and batch is not None else batch)
             p.batch_index += 1
         value, ntoks, finite = stepper(micro)
         p.step += 1
@@ -506,7 +528,7 @@ def train(model, processor, train_set, val_set, args: TrainArgs, *, run_dir=None
                 log(stop_reason)
                 break
         spent = p.elapsed + time.perf_counter() - tic_run
-        if args.max_minutes is not None and spent > 60 * args.max_minutes and p.step < args.max_steps:
+        if args.max_minutes is not None and world.any(spent > 60 * args.max_minutes) and p.step < args.max_steps:
             stop_reason = f"time budget: stopped after {p.step} steps ({spent / 60:.1f} of {args.max_minutes:g} min)"
             log(stop_reason)
             break
@@ -519,7 +541,8 @@ def train(model, processor, train_set, val_set, args: TrainArgs, *, run_dir=None
         p.last_val = validate(p.step)
     warnings += _health_warnings(p, stop_reason, run / ts.BEST)
     ts.save_checkpoint(run, model, config, optimizer, p, args)
-    writer.plot()
+    if world.is_main:
+        writer.plot()
     model.eval()
     summary = dict(
         steps=p.step, epochs=p.epoch + p.batch_index / max(len(batches), 1), stop_reason=stop_reason,
