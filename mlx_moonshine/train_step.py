@@ -3,13 +3,23 @@
 from __future__ import annotations
 
 from functools import partial
-from typing import Callable
+from typing import Callable, Optional
 
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_map
 
 from .train_batches import IGNORE
+
+
+def step_compiled(flag: Optional[bool] = None) -> bool:
+    """Whether the training step is compiled: `flag`, or (None) the backend's default.
+
+    On Metal compiling always pays. On the CPU it pays too once batches come in a few padded shapes
+    (train_batches' buckets): the fused element-wise kernels beat MLX's scalar CPU loops, and each
+    bucket's trace and kernel builds happen once per run (benchmarks/bench_train.py reports them).
+    """
+    return True if flag is None else bool(flag)
 
 
 def forward_logits(model, batch: dict) -> mx.array:

@@ -37,8 +37,8 @@ from . import fastmath
 from .adapters import AdapterConfig, adapter_layers, apply_adapters, load_adapters
 from .errors import MoonshineError
 from .teacher import base_targets, distill_loss, manifest_targets, teacher_table
-from .train_batches import AUGMENTS, IGNORE, EncoderCache, load_clips, make_batch, tokenize  # noqa: F401
-from .train_step import Stepper, default_loss, set_grad_checkpoint
+from .train_batches import AUGMENTS, IGNORE, EncoderCache, load_clips, make_batch, tokenize, use_buckets  # noqa: F401
+from .train_step import Stepper, default_loss, set_grad_checkpoint, step_compiled
 
 SCHEDULES = ("cosine", "linear", "constant")
 
@@ -94,10 +94,11 @@ class TrainArgs:
     # Compute
     dtype: str = "float32"  # base weights; adapter weights stay float32
     grad_checkpoint: bool = False
-    # mx.compile the step: None = on Metal/GPU, off on the CPU backend, where every new batch shape
-    # costs a C++ kernel build (~8 s each here) that a few hundred steps never win back.
+    # mx.compile the step: None = on (train_step.step_compiled). Every new batch shape costs a trace
+    # (and on the CPU kernel builds), so compiled batches pad to a few length buckets (train_batches).
     compile: Optional[bool] = None
-    pad_seconds: float = 0.5  # audio padded to a multiple of this: fewer distinct shapes to compile
+    buckets: Optional[bool] = None  # pad batches to the length buckets; None: whenever the step is compiled
+    pad_seconds: float = 0.5  # unbucketed audio padded to a multiple of this
 
     def __post_init__(self):
         problems = []
@@ -373,7 +374,7 @@ def train(model, processor, train_set, val_set, args: TrainArgs, *, run_dir=None
     caches = {}
     if use_cache:
         for name in ("train", "val", "replay", "heldout"):
-            caches[name] = EncoderCache(model, processor, args.pad_seconds)
+            caches[name] = EncoderCache(model, processor, args.pad_seconds, buckets=use_buckets(args))
     max_len = model.args.max_position_embeddings
 
     optimizer = optim.AdamW(learning_rate=lr_schedule(args), weight_decay=args.weight_decay)
@@ -385,7 +386,7 @@ def train(model, processor, train_set, val_set, args: TrainArgs, *, run_dir=None
         mx.random.seed(args.seed)
     if args.grad_checkpoint:
         set_grad_checkpoint(model, True)
-    compile_step = args.compile if args.compile is not None else mx.default_device().type != mx.DeviceType.cpu
+    compile_step = step_compiled(args.compile)
     stepper = Stepper(model, optimizer, loss, compile=compile_step)
 
     writer = ts.RunWriter(run, resume_step=progress_state.step if checkpoint is not None else None)
