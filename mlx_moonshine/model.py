@@ -158,15 +158,17 @@ class RotaryEmbedding(nn.Module):
         self.dims = 2 * inv_freq.shape[0]
         self._inv_freq = inv_freq
         self._periods = 1.0 / inv_freq
-        self._cos = self._sin = None  # (positions, dims / 2) tables for the CPU path, grown on demand
+        self._cos = self._sin = None  # (positions, dims / 2) tables for the CPU path
+        # Built here, not on first use: a first use inside a compiled step would store the trace's
+        # placeholders. 4096 positions cover ~98 s of encoder frames; past them, the tables grow.
+        self.reserve(4096)
 
     def reserve(self, end: int) -> None:
-        """Build the cos/sin tables for positions < end (outside any compiled graph)."""
-        if fastmath.use_fast_cpu_ops() and (self._cos is None or self._cos.shape[0] < end):
-            n = max(512, 1 << max(end - 1, 1).bit_length())
+        """Make the cos/sin tables cover positions < end."""
+        if self._cos is None or self._cos.shape[0] < end:
+            n = 1 << max(end - 1, 1).bit_length()
             angles = mx.arange(n, dtype=mx.float32)[:, None] * self._inv_freq[None, :]
             self._cos, self._sin = mx.cos(angles), mx.sin(angles)
-            mx.eval(self._cos, self._sin)
 
     def __call__(self, x: mx.array, offset=0) -> mx.array:
         # x: (B, heads, L, head_dim); offset: int, or a scalar mx.array (the decoding cache's)

@@ -71,6 +71,7 @@ class Stepper:
         optimizer.init(model.trainable_parameters())  # keeps any state already there (resume)
         self.loss_and_grad = nn.value_and_grad(model, loss)
         self.state = [model.state, optimizer.state, mx.random.state]
+        self.compiled = compile
         wrap = partial(mx.compile, inputs=self.state, outputs=self.state) if compile else (lambda f: f)
         self._first = wrap(partial(self._micro, None))
         self._more = wrap(self._micro)
