@@ -237,9 +237,16 @@ def decode_batch(model, processor, audios: Sequence[np.ndarray],
     same tokens), traced once per batch size: rows leave the batch as they finish.
     """
     x, lengths = pad_batch(list(audios))
-    n_audio = len(audios)
     padded = bool((lengths != x.shape[1]).any())
     memory, valid = model.encode(mx.array(x), mx.array(lengths) if padded else None)
+    return decode_memory(model, processor, memory, valid, lengths, options, compile=compile)
+
+
+def decode_memory(model, processor, memory: mx.array, valid: Optional[mx.array], lengths: np.ndarray,
+                  options: DecodingOptions = DecodingOptions(), *, compile: bool = True) -> list[DecodeResult]:
+    """`decode_batch` after the encoder: memory (B, T, D), valid (B, T) bool or None, lengths (B,) in samples
+    (they set the token budgets). Validation decodes the encoder outputs its loss pass computed."""
+    n_audio = memory.shape[0]
     beam = options.beam_size
     eos, start = processor.eos_id, processor.start_id
     if beam > 1:

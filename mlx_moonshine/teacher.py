@@ -127,7 +127,7 @@ def teacher_table(model, processor, samples, args, k: int = 16, max_len=None) ->
     model.eval()
     for b in range(0, len(samples), 8):
         chunk = samples[b:b + 8]
-        batch = make_batch(chunk, processor, args, max_len=max_len)
+        batch = make_batch(chunk, processor, args, max_len=max_len, buckets=False)  # eager: least padding
         logits = forward_logits(model, batch).astype(mx.float32)  # (B, L, V)
         logp = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
         top = mx.argpartition(-logp, kth=k - 1, axis=-1)[..., :k]

@@ -118,6 +118,7 @@ class EncoderCache:
         self.pad_seconds, self.batch_size = pad_seconds, batch_size
         self.frame_pad = FRAME_BUCKET if buckets else 16  # batches' frame counts: multiples of this
         self.store: dict[str, mx.array] = {}
+        self.samples: dict[str, int] = {}  # prepared clip length per id (decoding budgets)
 
     @property
     def nbytes(self) -> int:
@@ -131,8 +132,9 @@ class EncoderCache:
             memory, valid = self.model.encode(mx.array(x), mx.array(lengths))
             frames = np.array(valid.sum(axis=1))  # the model's own frame count (Streaming: 50/s, base: ~42/s)
             mx.eval(memory)
-            for s, m, t in zip(chunk, memory, frames):
+            for s, m, t, n in zip(chunk, memory, frames, lengths):
                 self.store[s.id] = mx.array(m[: int(t)])
+                self.samples[s.id] = int(n)
 
     def batch(self, samples):
         """(memory (B, T, D) zero-padded, valid (B, T) bool) for `samples`."""
@@ -145,11 +147,12 @@ class EncoderCache:
 
 
 def make_batch(samples, processor, args, *, cache: Optional[EncoderCache] = None,
-               augment_seed=None, max_len: Optional[int] = None) -> dict:
+               augment_seed=None, max_len: Optional[int] = None, buckets: Optional[bool] = None) -> dict:
     """Model inputs for `samples`: tokens, labels and either audio+lengths or cached memory+valid.
 
-    Lengths pad to the buckets when `use_buckets(args)` (a compiled step)."""
-    buckets = use_buckets(args)
+    Lengths pad to the buckets when `buckets`, or (None) when `use_buckets(args)`: a compiled step.
+    Uncompiled passes (evaluation, the teacher table) want the least padding: buckets=False."""
+    buckets = use_buckets(args) if buckets is None else buckets
     tokens, labels = tokenize(processor, [s.text for s in samples], max_len, buckets)
     batch = {"tokens": mx.array(tokens), "labels": mx.array(labels)}
     if cache is not None:

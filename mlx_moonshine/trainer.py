@@ -38,6 +38,7 @@ from .adapters import AdapterConfig, adapter_layers, apply_adapters, load_adapte
 from .errors import MoonshineError
 from .teacher import base_targets, distill_loss, manifest_targets, teacher_table
 from .train_batches import AUGMENTS, IGNORE, EncoderCache, load_clips, make_batch, tokenize, use_buckets  # noqa: F401
+from .train_eval import validation_pass
 from .train_step import Stepper, default_loss, set_grad_checkpoint, step_compiled
 
 SCHEDULES = ("cosine", "linear", "constant")
@@ -217,7 +218,7 @@ def eval_loss(model, processor, samples, args: TrainArgs, loss: Callable = defau
         batches = batches[:max_batches]
     total, count = 0.0, 0
     for b in batches:
-        value, ntoks = loss(model, make_batch(b, processor, args, cache=cache, max_len=max_len))
+        value, ntoks = loss(model, make_batch(b, processor, args, cache=cache, max_len=max_len, buckets=False))
         mx.eval(value, ntoks)
         total += value.item() * ntoks.item()
         count += ntoks.item()
@@ -409,15 +410,17 @@ def train(model, processor, train_set, val_set, args: TrainArgs, *, run_dir=None
     def validate(step: int) -> dict:
         t0 = time.perf_counter()
         model.eval()
-        row = {"step": step, "kind": "val",
-               "val_loss": eval_loss(model, processor, val_samples, args, loss, caches.get("val"),
-                                     args.val_batches, max_len)}
-        if replay_val:
-            row["replay_loss"] = eval_loss(model, processor, replay_val, args, loss, caches.get("replay"), 0, max_len)
-        if heldout_rows:
-            row["heldout_loss"] = eval_loss(model, processor, heldout_rows, args, loss, caches.get("heldout"), 0, max_len)
+        # One encoder pass per val row serves the val loss and the val WER (train_eval.py).
+        val = validation_pass(model, processor, val_samples, loss, cache=caches.get("val"), max_len=max_len,
+                              loss_rows=args.val_batches * args.batch_size or None,
+                              wer_rows=args.val_wer_samples, options=decoding)
+        row = {"step": step, "kind": "val", "val_loss": val["loss"]}
+        for key, rows in (("replay_loss", replay_val), ("heldout_loss", heldout_rows)):
+            if rows:
+                row[key] = validation_pass(model, processor, rows, loss, cache=caches.get(key.split("_")[0]),
+                                           max_len=max_len)["loss"]
         if args.val_wer_samples:
-            wer = eval_wer(model, processor, val_samples[: args.val_wer_samples], decoding)
+            wer = val["wer"]
             row.update(val_wer=wer["wer"], val_cer=wer["cer"], val_wer_n=wer["n"])
         row["monitor"] = row["val_loss"] + row.get("replay_loss", 0.0)
         row["val_seconds"] = round(time.perf_counter() - t0, 2)
