@@ -6,11 +6,16 @@ A second configuration puts the adapters in the decoder only and feeds precomput
 trainer does automatically when no adapter sits in the encoder).
 
 Each framework runs in its own subprocess so that peak RSS is its own, and the PyTorch one without the
-OpenBLAS preload (see `REFERENCE_ENV`). Audio loading and batch building happen before the timed steps; the
-first --warmup steps (compilation) are not timed.
+OpenBLAS preload (see `REFERENCE_ENV`). Audio loading and batch building happen before the timed steps. Our
+step runs as `train` runs it (compiled, batches padded to the length buckets; --mlx-compile off for the eager
+before/after): a step on a batch shape not seen before is a trace plus kernel builds, timed apart; PyTorch's
+first --warmup steps are not timed.
+
+--race adds the race against mlx-tune 0.6.0 (its own venv, --mlxtune-python; see mlxtune_child.py): the same
+rows once each, training audio seconds per wall second, peak RSS, val WER through our decoder.
 
     python benchmarks/bench_train.py --model BASE_MLX_DIR --hf BASE_HF_DIR \
-        --manifest examples/atc/domain_train.jsonl [--steps 20] [--out results.json]
+        --manifest examples/atc/domain_train.jsonl [--steps 20] [--race] [--out results.json]
 """
 
 from __future__ import annotations
@@ -344,7 +349,8 @@ def main():
                 row[engine] = json.loads(out.stdout.strip().splitlines()[-1])
         results["configs"][name] = row
 
-    print(f"\nbatch {BATCH}, LoRA r={RANK} on q/v, fp32, median of {args.steps - args.warmup} steps")
+    print(f"\nbatch {BATCH}, LoRA r={RANK} on q/v, fp32, {args.steps} steps; ours: median of the steps on shapes "
+          f"already traced, PyTorch: after {args.warmup} warm-up steps")
     print(f"{'configuration':30s} {'engine':14s} {'s/step':>8s} {'peak RSS GB':>12s} {'loss first→last':>18s}")
     for name, row in results["configs"].items():
         for engine, label in (("mlx", "mlx-moonshine"), ("torch", "PyTorch+PEFT")):
