@@ -6,11 +6,16 @@ A second configuration puts the adapters in the decoder only and feeds precomput
 trainer does automatically when no adapter sits in the encoder).
 
 Each framework runs in its own subprocess so that peak RSS is its own, and the PyTorch one without the
-OpenBLAS preload (see `REFERENCE_ENV`). Audio loading and batch building happen before the timed steps; the
-first --warmup steps (compilation) are not timed.
+OpenBLAS preload (see `REFERENCE_ENV`). Audio loading and batch building happen before the timed steps. Our
+step runs as `train` runs it (compiled, batches padded to the length buckets; --mlx-compile off for the eager
+before/after): a step on a batch shape not seen before is a trace plus kernel builds, timed apart; PyTorch's
+first --warmup steps are not timed.
+
+--race adds the race against mlx-tune 0.6.0 (its own venv, --mlxtune-python; see mlxtune_child.py): the same
+rows once each, training audio seconds per wall second, peak RSS, val WER through our decoder.
 
     python benchmarks/bench_train.py --model BASE_MLX_DIR --hf BASE_HF_DIR \
-        --manifest examples/atc/domain_train.jsonl [--steps 20] [--out results.json]
+        --manifest examples/atc/domain_train.jsonl [--steps 20] [--race] [--out results.json]
 """
 
 from __future__ import annotations
@@ -60,7 +65,7 @@ def run_mlx(args, config: dict) -> dict:
     from mlx_moonshine.adapters import AdapterConfig, apply_adapters
     from mlx_moonshine.loading import load
     from mlx_moonshine.train_batches import EncoderCache, make_batch
-    from mlx_moonshine.train_step import Stepper, default_loss
+    from mlx_moonshine.train_step import Stepper, default_loss, step_compiled
     from mlx_moonshine.trainer import TrainArgs
 
     model, processor = load(args.model)
@@ -75,17 +80,164 @@ def run_mlx(args, config: dict) -> dict:
     cache = EncoderCache(model, processor, targs.pad_seconds) if config["cached_encoder"] else None
     batches = [make_batch(b, processor, targs, cache=cache) for b in batches_of(args.manifest, args.steps)]
     mx.eval([list(b.values()) for b in batches])
-    compile_step = mx.default_device().type != mx.DeviceType.cpu
+    compile_step = step_compiled(None if args.mlx_compile == "default" else args.mlx_compile == "on")
     stepper = Stepper(model, optim.AdamW(learning_rate=LR), default_loss, compile=compile_step)
-    times, losses = [], []
+    out = timed_steps(stepper, batches, args.warmup if not compile_step else 0)
+    return dict(out, compiled=compile_step, peak_rss_gb=peak_rss_gb(), mlx_peak_gb=mx.get_peak_memory() / 1024 ** 3)
+
+
+def shape_key(batch: dict) -> tuple:
+    return tuple((k, tuple(v.shape)) for k, v in sorted(batch.items()))
+
+
+def timed_steps(stepper, batches, warmup: int = 0) -> dict:
+    """Run one step per batch; a step on a batch shape not seen before is a trace (and, on the CPU, kernel
+    builds): timed apart from the steady state. `warmup` more steps are left out of the median (eager)."""
+    seen, steady, traces, losses = set(), [], [], []
+    t_all = time.perf_counter()
     for i, batch in enumerate(batches):
         t = time.perf_counter()
         loss, _, _ = stepper([batch])
-        if i >= args.warmup:
-            times.append(time.perf_counter() - t)
+        dt = time.perf_counter() - t
+        key = shape_key(batch)
+        (traces if key not in seen and stepper.compiled else steady if i >= warmup else []).append(dt)
+        seen.add(key)
         losses.append(float(loss))
-    return {"step_s": statistics.median(times), "peak_rss_gb": peak_rss_gb(),
-            "mlx_peak_gb": mx.get_peak_memory() / 1024 ** 3, "first_loss": losses[0], "last_loss": losses[-1]}
+    return {"step_s": statistics.median(steady) if steady else float("nan"), "steady_steps": len(steady),
+            "trace_steps": len(traces), "trace_s": sum(traces), "shapes": len(seen),
+            "wall_s": time.perf_counter() - t_all, "first_loss": losses[0], "last_loss": losses[-1]}
+
+
+# -- the race against mlx-tune ----------------------------------------------------------------------
+
+RACE_TARGETS = ["q_proj", "v_proj"]  # both engines: encoder self-attn, decoder self- and cross-attn (48 layers)
+
+
+def race_rows(args):
+    from mlx_moonshine.data import load_manifest
+
+    train = load_manifest(args.race_train).samples[: args.race_rows]
+    val = load_manifest(args.race_val).samples[: args.race_val_rows]
+    return train, val
+
+
+def write_race_npz(train, path: Path) -> float:
+    """The prepared 16 kHz clips (shared `prepare_audio`) and texts for mlx-tune's process."""
+    import numpy as np
+
+    from mlx_moonshine.audio import AudioConfig, prepare_audio
+
+    d = {"n": np.array(len(train))}
+    for i, s in enumerate(train):
+        d[f"audio_{i}"] = prepare_audio(s.audio_path, AudioConfig())
+        d[f"text_{i}"] = np.array(s.text)
+    np.savez(path, **d)
+    return sum(len(d[f"audio_{i}"]) for i in range(len(train))) / 16000
+
+
+def val_wer(model, processor, val) -> dict:
+    from mlx_moonshine.decoding import DecodingOptions
+    from mlx_moonshine.trainer import eval_wer
+
+    model.eval()
+    t = time.perf_counter()
+    w = eval_wer(model, processor, val, DecodingOptions())
+    return {"wer": w["wer"], "n": w["n"], "decode_s": time.perf_counter() - t}
+
+
+def run_race_mlx(args) -> dict:
+    """Our side: the same rows in the same order, `--race-batch` per step, the step as `train` runs it
+    (compiled, bucketed), AdamW at a constant lr like mlx-tune's; batches built before the clock starts
+    (mlx-tune gets its clips pre-decoded too)."""
+    import mlx_moonshine  # noqa: F401
+    import mlx.core as mx
+    import mlx.optimizers as optim
+
+    from mlx_moonshine import fastmath
+    from mlx_moonshine.adapters import AdapterConfig, apply_adapters
+    from mlx_moonshine.loading import load
+    from mlx_moonshine.train_batches import make_batch
+    from mlx_moonshine.train_step import Stepper, default_loss, step_compiled
+    from mlx_moonshine.trainer import TrainArgs
+
+    train, val = race_rows(args)
+    model, processor = load(args.model)
+    mx.random.seed(0)
+    apply_adapters(model, AdapterConfig(kind="lora", r=RANK, alpha=ALPHA, dropout=0.0, targets=RACE_TARGETS))
+    model.train()
+    fastmath.training_cpu_cache()
+    targs = TrainArgs(batch_size=args.race_batch)
+    B = args.race_batch
+    batches = [make_batch(train[i:i + B], processor, targs) for i in range(0, len(train), B)]
+    mx.eval([list(b.values()) for b in batches])
+    stepper = Stepper(model, optim.AdamW(learning_rate=LR, weight_decay=targs.weight_decay), default_loss,
+                      compile=step_compiled(None))
+    out = timed_steps(stepper, batches)
+    audio_s = sum(s.duration or 0.0 for s in train)
+    out.update(batch=B, audio_s=audio_s, audio_s_per_s=audio_s / out["wall_s"], steps=len(batches),
+               s_per_step_wall=out["wall_s"] / len(batches), peak_rss_gb=peak_rss_gb())
+    out["val"] = val_wer(model, processor, val)
+    return out
+
+
+def run_race_eval(args) -> dict:
+    """The base model's val WER, then with mlx-tune's fused q/v weights: the same shared decoder."""
+    import mlx_moonshine  # noqa: F401
+    import mlx.core as mx
+
+    from mlx.utils import tree_flatten
+
+    from mlx_moonshine.loading import load
+
+    _, val = race_rows(args)
+    model, processor = load(args.model)
+    out = {"base": val_wer(model, processor, val)}
+    weights = mx.load(args.race_weights)
+    known = {k for k, _ in tree_flatten(model.parameters())}
+    missing = sorted(set(weights) - known)
+    if missing:
+        raise SystemExit(f"mlx-tune weights with no place in the model: {missing[:3]}")
+    model.load_weights(list(weights.items()), strict=False)
+    out["mlxtune"] = val_wer(model, processor, val)
+    out["replaced"] = len(weights)
+    return out
+
+
+def race(args) -> dict:
+    """Both trainers, each in its own process, one after the other; val WER through our decoder."""
+    import tempfile
+
+    train, val = race_rows(args)
+    with tempfile.TemporaryDirectory() as tmp:
+        npz, fused, mt_out = Path(tmp) / "race.npz", Path(tmp) / "fused.safetensors", Path(tmp) / "mt.json"
+        audio_s = write_race_npz(train, npz)
+        ours = child(args, ["--engine", "race"])
+        hf = Path(tmp) / "moonshine-base-hf"  # mlx-tune picks its Moonshine profile from the path name
+        hf.symlink_to(Path(args.hf).resolve())
+        cmd = [args.mlxtune_python, str(Path(__file__).with_name("mlxtune_child.py")), "--hf", str(hf), "--data",
+               str(npz), "--rank", str(RANK), "--alpha", str(ALPHA), "--lr", str(LR), "--out", str(mt_out),
+               "--weights", str(fused)]
+        run = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp,
+                             env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+        if run.returncode != 0:
+            theirs = {"error": (run.stderr.strip().splitlines() or ["failed"])[-1]}
+        else:
+            theirs = json.loads(mt_out.read_text())
+            ev = child(args, ["--engine", "race-eval", "--race-weights", str(fused)])
+            theirs["val"] = ev.get("mlxtune", ev)
+            ours["base_val"] = ev.get("base")
+    return {"rows": len(train), "val_rows": len(val), "audio_s": audio_s, "mlx": ours, "mlxtune": theirs,
+            "lr": LR, "rank": RANK, "alpha": ALPHA}
+
+
+def child(args, extra: list) -> dict:
+    cmd = [sys.executable, __file__, "--model", args.model, "--hf", args.hf, "--race-train", args.race_train,
+           "--race-val", args.race_val, "--race-rows", str(args.race_rows), "--race-val-rows",
+           str(args.race_val_rows), "--race-batch", str(args.race_batch), *extra]
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    if out.returncode != 0:
+        return {"error": (out.stderr.strip().splitlines() or ["failed"])[-1]}
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def run_torch(args, config: dict) -> dict:
@@ -157,22 +309,38 @@ def main():
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--out", default=None)
-    ap.add_argument("--engine", choices=["mlx", "torch"], help=argparse.SUPPRESS)
+    ap.add_argument("--mlx-compile", choices=["default", "on", "off"], default="default",
+                    help="our step compiled (default: as `train` runs it) or not, for the before/after")
+    ap.add_argument("--race", action="store_true", help="also race mlx-tune (needs --mlxtune-python)")
+    ap.add_argument("--race-only", action="store_true", help="only the race")
+    ap.add_argument("--mlxtune-python", default="/work/venv-mlxtune/bin/python",
+                    help="python of a venv with mlx-tune 0.6.0 (pip install 'mlx[cpu]' mlx-tune==0.6.0)")
+    ap.add_argument("--race-train", default=str(Path(__file__).parents[1] / "examples/atc/domain_train.jsonl"))
+    ap.add_argument("--race-val", default=str(Path(__file__).parents[1] / "examples/atc/domain_val.jsonl"))
+    ap.add_argument("--race-rows", type=int, default=40, help="training rows, once each, in manifest order")
+    ap.add_argument("--race-val-rows", type=int, default=60, help="first val rows decoded for the val WER")
+    ap.add_argument("--race-batch", type=int, default=2, help="our batch (mlx-tune's collator: 1)")
+    ap.add_argument("--race-weights", help=argparse.SUPPRESS)
+    ap.add_argument("--engine", choices=["mlx", "torch", "race", "race-eval"], help=argparse.SUPPRESS)
     ap.add_argument("--config", help=argparse.SUPPRESS)
     args = ap.parse_args()
 
+    if args.engine in ("race", "race-eval"):
+        print(json.dumps(run_race_mlx(args) if args.engine == "race" else run_race_eval(args)))
+        return
     if args.engine:  # child process: one framework, one configuration
         fn = run_mlx if args.engine == "mlx" else run_torch
         print(json.dumps(fn(args, CONFIGS[args.config])))
         return
 
-    results = {"batch": BATCH, "rank": RANK, "steps": args.steps, "warmup": args.warmup, "configs": {}}
-    for name in CONFIGS:
+    results = {"batch": BATCH, "rank": RANK, "steps": args.steps, "warmup": args.warmup, "configs": {},
+               "load_avg_start": os.getloadavg()[0]}
+    for name in ([] if args.race_only else CONFIGS):
         row = {}
         for engine in ("mlx", "torch"):
             cmd = [sys.executable, __file__, "--engine", engine, "--config", name, "--model", args.model,
                    "--hf", args.hf, "--manifest", args.manifest, "--steps", str(args.steps),
-                   "--warmup", str(args.warmup)]
+                   "--warmup", str(args.warmup), "--mlx-compile", args.mlx_compile]
             env = dict(os.environ, **REFERENCE_ENV) if engine == "torch" else None
             out = subprocess.run(cmd, capture_output=True, text=True, env=env)
             if out.returncode != 0:
@@ -181,7 +349,8 @@ def main():
                 row[engine] = json.loads(out.stdout.strip().splitlines()[-1])
         results["configs"][name] = row
 
-    print(f"\nbatch {BATCH}, LoRA r={RANK} on q/v, fp32, median of {args.steps - args.warmup} steps")
+    print(f"\nbatch {BATCH}, LoRA r={RANK} on q/v, fp32, {args.steps} steps; ours: median of the steps on shapes "
+          f"already traced, PyTorch: after {args.warmup} warm-up steps")
     print(f"{'configuration':30s} {'engine':14s} {'s/step':>8s} {'peak RSS GB':>12s} {'loss first→last':>18s}")
     for name, row in results["configs"].items():
         for engine, label in (("mlx", "mlx-moonshine"), ("torch", "PyTorch+PEFT")):
@@ -194,8 +363,34 @@ def main():
         if "error" not in row["mlx"] and "error" not in row["torch"]:
             print(f"{'':30s} {'ratio':14s} PyTorch/MLX step time {row['torch']['step_s'] / row['mlx']['step_s']:.2f}x, "
                   f"memory {row['mlx']['peak_rss_gb'] / row['torch']['peak_rss_gb']:.2f}x of PyTorch's")
+    if args.race or args.race_only:
+        results["race"] = r = race(args)
+        print_race(r)
+    results["load_avg_end"] = os.getloadavg()[0]
+    print(f"load average (1 min): {results['load_avg_start']:.2f} at the start, {results['load_avg_end']:.2f} at the end")
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+
+
+def print_race(r: dict) -> None:
+    print(f"\nrace: {r['rows']} training rows ({r['audio_s']:.0f} s of audio) once each, LoRA r={r['rank']} on q/v, "
+          f"lr {r['lr']:g}; val WER on {r['val_rows']} val rows through the shared decoder")
+    base = (r["mlx"].get("base_val") or {}).get("wer")
+    if base is not None:
+        print(f"  base model val WER {base:.4f}")
+    for key, label in (("mlx", "mlx-moonshine"), ("mlxtune", "mlx-tune 0.6.0")):
+        e = r[key]
+        if "error" in e:
+            print(f"  {label:14s} error: {e['error']}")
+            continue
+        extra = (f", {e['trace_steps']} trace steps {e['trace_s']:.1f} s, steady {e['step_s']:.2f} s/step"
+                 if "trace_steps" in e else "")
+        print(f"  {label:14s} batch {e['batch']}: {e['audio_s_per_s']:.2f} audio s/s, {e['wall_s']:.1f} s wall, "
+              f"{e['wall_s'] / e['steps']:.2f} s/step, peak RSS {e['peak_rss_gb']:.2f} GB, "
+              f"val WER {e.get('val', {}).get('wer', float('nan')):.4f}{extra}")
+    if "error" not in r["mlx"] and "error" not in r["mlxtune"]:
+        print(f"  throughput ratio mlx-moonshine / mlx-tune: "
+              f"{r['mlx']['audio_s_per_s'] / r['mlxtune']['audio_s_per_s']:.2f}x")
 
 
 if __name__ == "__main__":

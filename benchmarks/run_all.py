@@ -5,6 +5,8 @@
 1. transcription: mlx-moonshine vs transformers vs onnxruntime vs mlx-audio (bench_transcribe.py)
 2. batched eval throughput: `evaluate` at batch 1 and batch 8 on the bundled ATC domain test manifest
 3. training step time and peak memory: mlx-moonshine vs PyTorch + PEFT (bench_train.py)
+4. the training race: mlx-moonshine vs mlx-tune 0.6.0 on the same rows, val WER through our decoder
+   (bench_train.py --race; skipped without --mlxtune-python)
 
 Every ratio is measured side by side in this one run, on this machine.
 """
@@ -61,7 +63,14 @@ def main():
     ap.add_argument("--eval-manifest", action="append", default=None,
                     help="manifest for the batch 1 vs batch 8 eval; repeat for more (default: the bundled "
                          "ATC domain test, where the base model's transcripts are mostly empty)")
+    ap.add_argument("--mlxtune-python", default=None, help="python of mlx-tune 0.6.0's venv: runs the race")
+    ap.add_argument("--race-train", default=str(EXAMPLE / "domain_train.jsonl"))
+    ap.add_argument("--race-val", default=str(EXAMPLE / "domain_val.jsonl"))
+    ap.add_argument("--race-rows", type=int, default=40)
+    ap.add_argument("--race-batch", type=int, default=2)
     ap.add_argument("--out", default=str(HERE / "RESULTS.md"))
+    ap.add_argument("--readme", action="store_true", help="also replace the tables in README.md (between its "
+                    "benchmark markers)")
     args = ap.parse_args()
     manifests = [Path(m) for m in args.eval_manifest or [EXAMPLE / "domain_test.jsonl"]]
 
@@ -69,8 +78,12 @@ def main():
         tr = run_json("bench_transcribe.py", ["--model", args.model, "--hf", args.hf, "--repeats",
                                               str(args.repeats)], Path(tmp) / "tr.json")
         evs = {m: eval_throughput(args.model, m, args.eval_rows) for m in manifests}
+        race = ["--race", "--mlxtune-python", args.mlxtune_python, "--race-train", args.race_train,
+                "--race-val", args.race_val, "--race-rows", str(args.race_rows),
+                "--race-batch", str(args.race_batch)] if args.mlxtune_python else []
         bt = run_json("bench_train.py", ["--model", args.model, "--hf", args.hf, "--steps", str(args.steps),
-                                         "--manifest", str(EXAMPLE / "domain_train.jsonl")], Path(tmp) / "bt.json")
+                                         "--manifest", str(EXAMPLE / "domain_train.jsonl"), *race],
+                      Path(tmp) / "bt.json")
 
     lines = [f"# Benchmarks\n",
              f"{tr['machine']}; MLX BLAS: {tr['blas']}; {time.strftime('%Y-%m-%d')}; "
@@ -103,17 +116,70 @@ def main():
             ratio, same = (f"{b1['seconds'] / b8['seconds']:.2f}x", str(b1["hyps"] == b8["hyps"])) if bs == 8 else ("", "")
             lines.append(f"| {'/'.join(m.parts[-3:])} | {bs} | {r['seconds']:.1f} | {r['audio_s'] / r['seconds']:.2f} | "
                          f"{r['wer']:.4f} | {ratio} | {same} |")
-    lines += ["", f"## Training step (batch {bt['batch']}, LoRA r={bt['rank']} on q/v, fp32, median of "
-              f"{bt['steps'] - bt['warmup']} steps)\n",
-              "| configuration | engine | s/step | peak RSS GB |", "|---|---|---|---|"]
+    lines += ["", f"## Training step (batch {bt['batch']}, LoRA r={bt['rank']} on q/v, fp32, {bt['steps']} steps; "
+              f"load average {bt['load_avg_start']:.2f} -> {bt['load_avg_end']:.2f})\n",
+              "Ours compiled, batches padded to the length buckets; steps on a batch shape not seen before "
+              "(trace + kernel builds) are timed apart, the rest give the median. PyTorch: median after "
+              f"{bt['warmup']} warm-up steps.\n",
+              "| configuration | engine | s/step | vs PyTorch | peak RSS GB | trace steps (s) |", "|---|---|---|---|---|---|"]
     for name, row in bt["configs"].items():
+        torch_s = row["torch"].get("step_s")
         for engine, label in (("mlx", "mlx-moonshine"), ("torch", "PyTorch+PEFT")):
             r = row[engine]
-            lines.append(f"| {name} | {label} | " + (f"error: {r['error']} | |" if "error" in r else
-                                                      f"{r['step_s']:.3f} | {r['peak_rss_gb']:.2f} |"))
+            if "error" in r:
+                lines.append(f"| {name} | {label} | error: {r['error']} | | | |")
+                continue
+            ratio = f"{r['step_s'] / torch_s:.2f}x" if torch_s else ""
+            traces = f"{r['trace_steps']} ({r['trace_s']:.1f})" if r.get("trace_steps") else ""
+            lines.append(f"| {name} | {label} | {r['step_s']:.3f} | {ratio} | {r['peak_rss_gb']:.2f} | {traces} |")
+    if "race" in bt:
+        lines += race_table(bt["race"])
     text = "\n".join(lines) + "\n"
     Path(args.out).write_text(text)
+    if args.readme:
+        update_readme(text)
     print(text)
+
+
+def race_table(r: dict) -> list[str]:
+    base = (r["mlx"].get("base_val") or {}).get("wer")
+    lines = ["", f"## Training race: mlx-moonshine vs mlx-tune 0.6.0 ({r['rows']} training rows, "
+             f"{r['audio_s']:.0f} s of audio, once each; LoRA r={r['rank']} alpha={r['alpha']:g} on q/v of encoder "
+             f"self-attention and decoder self/cross-attention in both; lr {r['lr']:g} constant)\n",
+             "Each engine in its own process on the same real base weights and the same prepared clips. mlx-tune "
+             "cannot train Moonshine as shipped (it falls back to Whisper's start/end ids 50258/50257, outside "
+             "Moonshine's 32768-token vocabulary, and segfaults at step 1): its collator is handed Moonshine's "
+             "framing (start 1, eos 2, no extra BOS; benchmarks/mlxtune_child.py). Its collator stacks unpadded "
+             "waveforms, so batch 1; it trains with Adam, ours with AdamW (weight decay 0.01). Val WER: our "
+             f"shared greedy decoder on the first {r['val_rows']} val rows"
+             + (f" (base model before training: {base:.4f})." if base is not None else "."), "",
+             "| engine | batch | training audio s/s | s/step (wall) | vs mlx-tune | peak RSS GB | val WER |",
+             "|---|---|---|---|---|---|---|"]
+    theirs = r["mlxtune"].get("audio_s_per_s")
+    for key, label in (("mlx", "mlx-moonshine"), ("mlxtune", "mlx-tune 0.6.0")):
+        e = r[key]
+        if "error" in e:
+            lines.append(f"| {label} | | error: {e['error']} | | | | |")
+            continue
+        ratio = f"{e['audio_s_per_s'] / theirs:.2f}x" if theirs else ""
+        lines.append(f"| {label} | {e['batch']} | {e['audio_s_per_s']:.2f} | {e['wall_s'] / e['steps']:.2f} | "
+                     f"{ratio} | {e['peak_rss_gb']:.2f} | {e.get('val', {}).get('wer', float('nan')):.4f} |")
+    return lines
+
+
+README_START, README_END = "<!-- benchmarks:start -->", "<!-- benchmarks:end -->"
+
+
+def update_readme(results_md: str) -> None:
+    """Put RESULTS.md's body (its headings one level down) between the README's benchmark markers."""
+    readme = HERE.parent / "README.md"
+    text = readme.read_text()
+    if README_START not in text or README_END not in text:
+        raise SystemExit(f"{readme}: no {README_START} ... {README_END} markers to write the tables between")
+    body = "\n".join(("#" + line if line.startswith("## ") else line)
+                     for line in results_md.splitlines()[1:]).strip()
+    head, rest = text.split(README_START, 1)
+    readme.write_text(head + README_START + "\n" + body + "\n" + README_END + rest.split(README_END, 1)[1])
 
 
 if __name__ == "__main__":

@@ -18,8 +18,10 @@ from typing import Optional, Sequence
 
 import mlx.core as mx
 import numpy as np
+from mlx.utils import tree_flatten
 
 from .audio import SAMPLE_RATE, pad_batch
+from .cache import CompiledStep
 from .errors import MoonshineError
 
 
@@ -227,15 +229,24 @@ def _banned_ngram_tokens(seq: list, n: int) -> set:
 
 
 def decode_batch(model, processor, audios: Sequence[np.ndarray],
-                 options: DecodingOptions = DecodingOptions()) -> list[DecodeResult]:
+                 options: DecodingOptions = DecodingOptions(), *, compile: bool = True) -> list[DecodeResult]:
     """Transcribe a batch of prepared 16 kHz clips (see `audio.prepare_audio`) in one encoder pass.
 
     Clips are right-padded; the encoder masks the padding, so each result equals the clip decoded alone.
+    The per-token step runs as one compiled graph (`decode_step`; `compile=False`: eagerly, the
+    same tokens), traced once per batch size: rows leave the batch as they finish.
     """
     x, lengths = pad_batch(list(audios))
-    n_audio = len(audios)
     padded = bool((lengths != x.shape[1]).any())
     memory, valid = model.encode(mx.array(x), mx.array(lengths) if padded else None)
+    return decode_memory(model, processor, memory, valid, lengths, options, compile=compile)
+
+
+def decode_memory(model, processor, memory: mx.array, valid: Optional[mx.array], lengths: np.ndarray,
+                  options: DecodingOptions = DecodingOptions(), *, compile: bool = True) -> list[DecodeResult]:
+    """`decode_batch` after the encoder: memory (B, T, D), valid (B, T) bool or None, lengths (B,) in samples
+    (they set the token budgets). Validation decodes the encoder outputs its loss pass computed."""
+    n_audio = memory.shape[0]
     beam = options.beam_size
     eos, start = processor.eos_id, processor.start_id
     if beam > 1:
@@ -249,10 +260,16 @@ def decode_batch(model, processor, audios: Sequence[np.ndarray],
     limit = decoder_token_limit(model)
     if limit is not None:  # past its position table the decoder only loops, and its KV cache keeps growing
         budgets = np.minimum(budgets, limit)
+    n_steps = int(budgets.max())
     cache = model.new_cache(memory, valid)
+    cache.reserve(n_steps)  # one capacity for the whole loop: the step keeps its shape
+    # The first step runs eagerly: it builds the weight copies and tables the compiled graph then
+    # captures as constants (built inside a trace they would be placeholders).
+    eager = lambda t, c: model.decode(t, cache=c)[0]  # noqa: E731
+    compiled = decode_step(model) if compile else eager
     tokens = np.full(n_audio * beam, start, dtype=np.int64)
-    for step in range(int(budgets.max())):
-        logits, _ = model.decode(mx.array(tokens[:, None]), cache=cache)
+    for step in range(n_steps):
+        logits = (compiled if step else eager)(mx.array(tokens[:, None]), cache)
         logits = logits[:, -1, :]  # (N, V)
         logits = _filter_logits(logits, step, options, eos, strategy.live_sequences())
         tokens = strategy.update(logits, budgets - step, cache)
@@ -260,6 +277,31 @@ def decode_batch(model, processor, audios: Sequence[np.ndarray],
             break
     return [DecodeResult(tokens=seq, text=processor.tokenizer.decode(seq), score=score, truncated=trunc)
             for seq, score, trunc in strategy.finalize()]
+
+
+class _StepCache:
+    """The compiled decoding step of a model and the weight arrays it captured (a plain attribute)."""
+
+    weights: tuple = ()
+    step: Optional[CompiledStep] = None
+
+
+def decode_step(model) -> CompiledStep:
+    """The model's compiled per-token step, rebuilt when any weight array changed (training, fuse, cast).
+
+    A trace is not free, so the step lives across `decode_batch` calls (kept on the model); a trace captures
+    the weights (and their transposed copies) as constants, so new weights need a new step.
+    """
+    from . import fastmath
+
+    # The trace also bakes in train/eval mode (adapter dropout) and which kernels the CPU uses.
+    weights = (model.training, fastmath.use_fast_cpu_ops(), *(v for _, v in tree_flatten(model.parameters())))
+    held = getattr(model, "_decode_step", None)
+    if held is None or len(held.weights) != len(weights) or any(a is not b for a, b in zip(held.weights, weights)):
+        held = _StepCache()
+        held.weights, held.step = weights, CompiledStep(lambda t, c: model.decode(t, cache=c)[0])
+        model._decode_step = held
+    return held.step
 
 
 def _filter_logits(logits: mx.array, step: int, options: DecodingOptions, eos: int, sequences) -> mx.array:

@@ -10,6 +10,7 @@ are already fast, so callers use these only on the CPU (`use_fast_cpu_ops`).
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -66,8 +67,22 @@ def _cache_bytes(default_mb: float) -> "int | None":
 
 
 def use_fast_cpu_ops() -> bool:
-    """True on the CPU backend unless MLX_MOONSHINE_EXACT_OPS=1 asks for MLX's own ops."""
+    """True on the CPU backend unless MLX_MOONSHINE_EXACT_OPS=1 (or `exact_ops()`) asks for MLX's own ops."""
     return _ENABLED and mx.default_device().type == mx.DeviceType.cpu
+
+
+@contextmanager
+def exact_ops(on: bool = True):
+    """Within the block, MLX's own ops everywhere (what Metal runs): `MLX_MOONSHINE_EXACT_OPS=1` in process.
+
+    Compiled steps bake in the choice: build them inside the block (decoding rebuilds its own).
+    """
+    global _ENABLED
+    before, _ENABLED = _ENABLED, not on
+    try:
+        yield
+    finally:
+        _ENABLED = before
 
 
 def _erf(x: mx.array) -> mx.array:

@@ -158,20 +158,30 @@ class RotaryEmbedding(nn.Module):
         self.dims = 2 * inv_freq.shape[0]
         self._inv_freq = inv_freq
         self._periods = 1.0 / inv_freq
-        self._cos = self._sin = None  # (positions, dims / 2) tables for the CPU path, grown on demand
+        self._cos = self._sin = None  # (positions, dims / 2) tables for the CPU path
+        # Built here, not on first use: a first use inside a compiled step would store the trace's
+        # placeholders. 4096 positions cover ~98 s of encoder frames; past them, the tables grow.
+        self.reserve(4096)
 
-    def __call__(self, x: mx.array, offset: int = 0) -> mx.array:
-        # x: (B, heads, L, head_dim)
+    def reserve(self, end: int) -> None:
+        """Make the cos/sin tables cover positions < end."""
+        if self._cos is None or self._cos.shape[0] < end:
+            n = 1 << max(end - 1, 1).bit_length()
+            angles = mx.arange(n, dtype=mx.float32)[:, None] * self._inv_freq[None, :]
+            self._cos, self._sin = mx.cos(angles), mx.sin(angles)
+
+    def __call__(self, x: mx.array, offset=0) -> mx.array:
+        # x: (B, heads, L, head_dim); offset: int, or a scalar mx.array (the decoding cache's)
         if fastmath.use_fast_cpu_ops():
             # MLX's CPU rope recomputes cos/sin (scalar libm calls) and splits/concatenates on every call:
             # ~0.2 ms per head tensor at one decoding step, 16 calls a step. A cached table and one fused
             # kernel give the same values (the same float32 angles) in a quarter of the time.
-            end = offset + x.shape[2]
-            if self._cos is None or self._cos.shape[0] < end:
-                n = max(512, 1 << (end - 1).bit_length())
-                angles = mx.arange(n, dtype=mx.float32)[:, None] * self._inv_freq[None, :]
-                self._cos, self._sin = mx.cos(angles), mx.sin(angles)
-            return _rope_rotate(x, self._cos[offset:end], self._sin[offset:end])
+            L = x.shape[2]
+            if isinstance(offset, mx.array):
+                pos = offset + mx.arange(L)
+                return _rope_rotate(x, self._cos[pos], self._sin[pos])
+            self.reserve(offset + L)
+            return _rope_rotate(x, self._cos[offset:offset + L], self._sin[offset:offset + L])
         return mx.fast.rope(x, self.dims, traditional=True, base=None, scale=1.0, offset=offset,
                             freqs=self._periods)
 
@@ -357,16 +367,10 @@ class DecoderLayer(nn.Module):
         q = rope(attn.heads(linear(attn.q_proj, h), attn.n_heads), offset)
         k, v = attn.kv(h)
         k = rope(k, offset)
-        if self_cache is not None:
-            k, v = self_cache.update(k, v)
-        L = x.shape[1]
-        # Causal within the new tokens; every cached position is visible. ("causal" needs L == keys.)
-        if L == 1:
-            mask = None
-        elif k.shape[2] == L:
-            mask = "causal"
+        if self_cache is not None:  # fixed-capacity buffers: the mask hides what is not written yet
+            k, v, mask = self_cache.update(k, v, offset)
         else:
-            mask = causal_mask(L, k.shape[2], x.dtype)
+            mask = "causal" if x.shape[1] > 1 else None
         x = x + attn.attend(q, k, v, mask)
 
         cross = self.encoder_attn
@@ -397,7 +401,10 @@ class Decoder(nn.Module):
         return [layer.encoder_attn.kv(memory) for layer in self.layers]
 
     def __call__(self, tokens, cross_kv, cross_mask, cache: Optional[DecoderCache]):
-        offset = cache.offset if cache is not None else 0
+        offset = 0
+        if cache is not None:
+            offset = cache.offset  # an mx.array: the same graph at every position
+            self.rope.reserve(cache.capacity)
         x = self.embed_tokens(tokens)
         for i, layer in enumerate(self.layers):
             self_cache = cache.self_attn[i] if cache is not None else None
@@ -445,8 +452,9 @@ class Model(nn.Module):
             cross_mask = None if memory_valid is None else attention_mask(memory_valid, memory.dtype)
             h = self.model.decoder(tokens, cross_kv, cross_mask, None)
         else:
+            cache.reserve(cache.length + tokens.shape[1])
             h = self.model.decoder(tokens, cache.cross_kv, cache.cross_mask, cache)
-            cache.offset += tokens.shape[1]
+            cache.advance(tokens.shape[1])
         return self.logits(h), cache
 
     def logits(self, hidden: mx.array) -> mx.array:

@@ -426,8 +426,8 @@ class StreamingModel(nn.Module):
 
     def new_cache(self, memory: mx.array, memory_mask: Optional[mx.array] = None) -> DecoderCache:
         """A decoding cache (`cache.DecoderCache`) for this utterance: per-layer self-attention K/V
-        buffers that grow with each decoded token, plus the cross-attention K/V and key mask computed
-        here, once, from the adapted memory."""
+        buffers (fixed capacity, grown in blocks when full), plus the cross-attention K/V and key mask
+        computed here, once, from the adapted memory."""
         mask = None if memory_mask is None else additive_key_mask(memory_mask, memory.dtype)
         return DecoderCache(len(self.model.decoder.layers), self.model.decoder.cross_kv(memory), mask)
 
@@ -446,8 +446,9 @@ class StreamingModel(nn.Module):
         """
         if cache is None:
             cache = self.new_cache(memory, memory_mask)
+        cache.reserve(cache.length + tokens.shape[1])
         h = self.model.decoder(tokens, cache.cross_kv, cache.cross_mask, cache)
-        cache.offset += tokens.shape[1]
+        cache.advance(tokens.shape[1])
         return self.logits(h), cache
 
     def logits(self, hidden: mx.array) -> mx.array:

@@ -148,7 +148,7 @@ def _teacher_chunk(model, processor, chunk, args, max_len, k: int, table: Teache
     """Fill `table` with the base's top-k distributions on one chunk of rows (one padded batch)."""
     from .train_step import forward_logits
 
-    batch = make_batch(chunk, processor, args, max_len=max_len)
+    batch = make_batch(chunk, processor, args, max_len=max_len, buckets=False)  # eager: least padding
     logits = forward_logits(model, batch).astype(mx.float32)  # (B, L, V)
     logp = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
     top = mx.argpartition(-logp, kth=k - 1, axis=-1)[..., :k]

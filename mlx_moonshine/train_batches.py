@@ -14,21 +14,49 @@ from .audio import MIN_SAMPLES, SAMPLE_RATE, pad_batch, prepare_audio, resample
 IGNORE = -100  # label id excluded from the loss (padding)
 AUGMENTS = ("noise", "speed", "timemask")
 TOKEN_PAD = 8  # token sequences padded to a multiple of this: fewer distinct shapes to compile
+# Length buckets for a compiled step. Every new batch shape costs a trace of the whole step (and on the
+# CPU, kernel builds for new layouts), so batches pad up to the next bucket: ~10 audio x ~5 token shapes
+# cover a run instead of one per 0.5 s x 8 tokens. The model masks the padding, so the loss is the same.
+AUDIO_BUCKETS = (2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 10.0, 12.0, 14.0, 16.0, 20.0, 25.0, 30.0)  # seconds
+TOKEN_BUCKETS = (16, 24, 32, 48, 64, 96, 128)  # decoder positions
+FRAME_BUCKET = 64  # cached encoder memory: frames padded to a multiple of this (~1.5 s)
 
 
-def tokenize(processor, texts: Sequence[str], max_len: Optional[int] = None):
+def bucket(n: int, buckets, step: int) -> int:
+    """The smallest bucket >= n; past the last one, n rounded up to a multiple of `step`."""
+    for b in buckets:
+        if n <= b:
+            return int(b)
+    return -(-n // step) * step
+
+
+def use_buckets(args) -> bool:
+    """Pad batches to the length buckets: `args.buckets`, or (None) whenever the step is compiled."""
+    from .train_step import step_compiled
+
+    flag = getattr(args, "buckets", None)
+    return step_compiled(getattr(args, "compile", None)) if flag is None else bool(flag)
+
+
+def tokenize(processor, texts: Sequence[str], max_len: Optional[int] = None, buckets: bool = False):
     """Teacher-forcing arrays for `texts`.
 
     Returns:
         tokens (B, L) int32 decoder input ([start] + text, padded with eos), labels (B, L) int32
-        (text + [eos], padded with IGNORE), with L a multiple of TOKEN_PAD.
+        (text + [eos], padded with IGNORE), with L a multiple of TOKEN_PAD (`buckets`: a TOKEN_BUCKETS
+        length, never past `max_len`).
     """
     tok, start, eos = processor.tokenizer, processor.start_id, processor.eos_id
     seqs = [tok.encode(t) for t in texts]
     if max_len is not None:
         seqs = [s[: max_len - 1] for s in seqs]  # room for start/eos within the position limit
     L = max(len(s) + 1 for s in seqs)
-    L = -(-L // TOKEN_PAD) * TOKEN_PAD
+    padded = -(-L // TOKEN_PAD) * TOKEN_PAD
+    if buckets:
+        padded = bucket(L, TOKEN_BUCKETS, TOKEN_PAD)
+        if max_len is not None and padded > max_len:
+            padded = max(-(-L // TOKEN_PAD) * TOKEN_PAD, L)
+    L = padded
     tokens = np.full((len(seqs), L), eos, dtype=np.int32)
     labels = np.full((len(seqs), L), IGNORE, dtype=np.int32)
     for i, s in enumerate(seqs):
@@ -71,11 +99,15 @@ def load_clips(samples, processor, kinds=(), seed_path=None, positions=None) -> 
     return clips
 
 
-def pad_audio(clips: list[np.ndarray], pad_seconds: float):
-    """`audio.pad_batch`, then more zeros up to a multiple of `pad_seconds` (masked by the model)."""
+def pad_audio(clips: list[np.ndarray], pad_seconds: float, buckets: bool = False):
+    """`audio.pad_batch`, then more zeros up to a multiple of `pad_seconds` or (`buckets`) up to the next
+    AUDIO_BUCKETS length; the model masks them."""
     x, lengths = pad_batch(clips)
     step = max(int(pad_seconds * SAMPLE_RATE), 1)
-    n = -(-x.shape[1] // step) * step
+    if buckets:
+        n = bucket(x.shape[1], [int(b * SAMPLE_RATE) for b in AUDIO_BUCKETS], step)
+    else:
+        n = -(-x.shape[1] // step) * step
     if n > x.shape[1]:
         x = np.pad(x, ((0, 0), (0, n - x.shape[1])))
     return x, lengths
@@ -84,10 +116,12 @@ def pad_audio(clips: list[np.ndarray], pad_seconds: float):
 class EncoderCache:
     """Frozen encoder outputs per sample id, in RAM: memory (T_i, D) of the valid frames only."""
 
-    def __init__(self, model, processor, pad_seconds: float, batch_size: int = 8):
+    def __init__(self, model, processor, pad_seconds: float, batch_size: int = 8, buckets: bool = False):
         self.model, self.processor = model, processor
         self.pad_seconds, self.batch_size = pad_seconds, batch_size
+        self.frame_pad = FRAME_BUCKET if buckets else 16  # batches' frame counts: multiples of this
         self.store: dict[str, mx.array] = {}
+        self.samples: dict[str, int] = {}  # prepared clip length per id (decoding budgets)
 
     @property
     def nbytes(self) -> int:
@@ -101,28 +135,33 @@ class EncoderCache:
             memory, valid = self.model.encode(mx.array(x), mx.array(lengths))
             frames = np.array(valid.sum(axis=1))  # the model's own frame count (Streaming: 50/s, base: ~42/s)
             mx.eval(memory)
-            for s, m, t in zip(chunk, memory, frames):
+            for s, m, t, n in zip(chunk, memory, frames, lengths):
                 self.store[s.id] = mx.array(m[: int(t)])
+                self.samples[s.id] = int(n)
 
     def batch(self, samples):
         """(memory (B, T, D) zero-padded, valid (B, T) bool) for `samples`."""
         self._fill(samples)
         mems = [self.store[s.id] for s in samples]
-        T = -(-max(m.shape[0] for m in mems) // 16) * 16  # fewer distinct shapes to compile
+        T = -(-max(m.shape[0] for m in mems) // self.frame_pad) * self.frame_pad  # few distinct shapes
         memory = mx.stack([mx.pad(m, [(0, T - m.shape[0]), (0, 0)]) for m in mems])
         valid = mx.arange(T)[None, :] < mx.array([m.shape[0] for m in mems])[:, None]
         return memory, valid
 
 
 def make_batch(samples, processor, args, *, cache: Optional[EncoderCache] = None,
-               augment_seed=None, max_len: Optional[int] = None, positions=None) -> dict:
-    """Model inputs for `samples`: tokens, labels and either audio+lengths or cached memory+valid."""
-    tokens, labels = tokenize(processor, [s.text for s in samples], max_len)
+               augment_seed=None, max_len: Optional[int] = None, positions=None, buckets: Optional[bool] = None) -> dict:
+    """Model inputs for `samples`: tokens, labels and either audio+lengths or cached memory+valid.
+
+    Lengths pad to the buckets when `buckets`, or (None) when `use_buckets(args)`: a compiled step.
+    Uncompiled passes (evaluation, the teacher table) want the least padding: buckets=False."""
+    buckets = use_buckets(args) if buckets is None else buckets
+    tokens, labels = tokenize(processor, [s.text for s in samples], max_len, buckets)
     batch = {"tokens": mx.array(tokens), "labels": mx.array(labels)}
     if cache is not None:
         batch["memory"], batch["valid"] = cache.batch(samples)
         return batch
     kinds = args.augment_kinds if augment_seed is not None else ()
-    x, lengths = pad_audio(load_clips(samples, processor, kinds, augment_seed, positions), args.pad_seconds)
+    x, lengths = pad_audio(load_clips(samples, processor, kinds, augment_seed, positions), args.pad_seconds, buckets)
     batch["audio"], batch["lengths"] = mx.array(x), mx.array(lengths)
     return batch

@@ -12,6 +12,16 @@ from mlx.utils import tree_flatten, tree_map
 from .train_batches import IGNORE
 
 
+def step_compiled(flag: Optional[bool] = None) -> bool:
+    """Whether the training step is compiled: `flag`, or (None) the backend's default.
+
+    On Metal compiling always pays. On the CPU it pays too once batches come in a few padded shapes
+    (train_batches' buckets): the fused element-wise kernels beat MLX's scalar CPU loops, and each
+    bucket's trace and kernel builds happen once per run (benchmarks/bench_train.py reports them).
+    """
+    return True if flag is None else bool(flag)
+
+
 def forward_logits(model, batch: dict) -> mx.array:
     """Teacher-forced logits (B, L, V) of a training batch (audio, or cached encoder memory)."""
     if "memory" in batch:
@@ -63,6 +73,7 @@ class Stepper:
         optimizer.init(model.trainable_parameters())  # keeps any state already there (resume)
         self.loss_and_grad = nn.value_and_grad(model, loss)
         self.state = [model.state, optimizer.state, mx.random.state]
+        self.compiled = compile
         wrap = partial(mx.compile, inputs=self.state, outputs=self.state) if compile else (lambda f: f)
         self._first = wrap(partial(self._micro, None))
         self._more = wrap(self._micro)

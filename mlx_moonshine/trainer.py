@@ -41,8 +41,9 @@ from .distributed import world as _world
 from .adapters import AdapterConfig, adapter_layers, apply_adapters, load_adapters
 from .errors import MoonshineError
 from .teacher import base_targets, distill_loss, manifest_targets, teacher_table
-from .train_batches import AUGMENTS, IGNORE, EncoderCache, load_clips, make_batch, tokenize  # noqa: F401
-from .train_step import Stepper, default_loss, set_grad_checkpoint
+from .train_batches import AUGMENTS, IGNORE, EncoderCache, load_clips, make_batch, tokenize, use_buckets  # noqa: F401
+from .train_eval import validation_pass
+from .train_step import Stepper, default_loss, set_grad_checkpoint, step_compiled
 
 SCHEDULES = ("cosine", "linear", "constant")
 
@@ -98,10 +99,11 @@ class TrainArgs:
     # Compute
     dtype: str = "float32"  # base weights; adapter weights stay float32
     grad_checkpoint: bool = False
-    # mx.compile the step: None = on Metal/GPU, off on the CPU backend, where every new batch shape
-    # costs a C++ kernel build (~8 s each here) that a few hundred steps never win back.
+    # mx.compile the step: None = on (train_step.step_compiled). Every new batch shape costs a trace
+    # (and on the CPU kernel builds), so compiled batches pad to a few length buckets (train_batches).
     compile: Optional[bool] = None
-    pad_seconds: float = 0.5  # audio padded to a multiple of this: fewer distinct shapes to compile
+    buckets: Optional[bool] = None  # pad batches to the length buckets; None: whenever the step is compiled
+    pad_seconds: float = 0.5  # unbucketed audio padded to a multiple of this
 
     def __post_init__(self):
         problems = []
@@ -224,7 +226,7 @@ def eval_loss(model, processor, samples, args: TrainArgs, loss: Callable = defau
         batches = batches[:max_batches]
 
     def one(b):
-        value, ntoks = loss(model, make_batch(b, processor, args, cache=cache, max_len=max_len))
+        value, ntoks = loss(model, make_batch(b, processor, args, cache=cache, max_len=max_len, buckets=False))
         mx.eval(value, ntoks)
         return value.item(), ntoks.item()
 
@@ -391,7 +393,7 @@ def train(model, processor, train_set, val_set, args: TrainArgs, *, run_dir=None
     caches = {}
     if use_cache:
         for name in ("train", "val", "replay", "heldout"):
-            caches[name] = EncoderCache(model, processor, args.pad_seconds)
+            caches[name] = EncoderCache(model, processor, args.pad_seconds, buckets=use_buckets(args))
     max_len = model.args.max_position_embeddings
 
     optimizer = optim.AdamW(learning_rate=lr_schedule(args), weight_decay=args.weight_decay)
@@ -403,7 +405,7 @@ def train(model, processor, train_set, val_set, args: TrainArgs, *, run_dir=None
         mx.random.seed(args.seed)
     if args.grad_checkpoint:
         set_grad_checkpoint(model, True)
-    compile_step = args.compile if args.compile is not None else mx.default_device().type != mx.DeviceType.cpu
+    compile_step = step_compiled(args.compile)
     stepper = Stepper(model, optimizer, loss, compile=compile_step,
                       reduce=world.reduce_step if world.size > 1 else None)
 
@@ -427,15 +429,17 @@ def train(model, processor, train_set, val_set, args: TrainArgs, *, run_dir=None
     def validate(step: int) -> dict:
         t0 = time.perf_counter()
         model.eval()
-        row = {"step": step, "kind": "val",
-               "val_loss": eval_loss(model, processor, val_samples, args, loss, caches.get("val"),
-                                     args.val_batches, max_len)}
-        if replay_val:
-            row["replay_loss"] = eval_loss(model, processor, replay_val, args, loss, caches.get("replay"), 0, max_len)
-        if heldout_rows:
-            row["heldout_loss"] = eval_loss(model, processor, heldout_rows, args, loss, caches.get("heldout"), 0, max_len)
+        # One encoder pass per val row serves the val loss and the val WER (train_eval.py).
+        val = validation_pass(model, processor, val_samples, loss, cache=caches.get("val"), max_len=max_len,
+                              loss_rows=args.val_batches * args.batch_size or None,
+                              wer_rows=args.val_wer_samples, options=decoding)
+        row = {"step": step, "kind": "val", "val_loss": val["loss"]}
+        for key, rows in (("replay_loss", replay_val), ("heldout_loss", heldout_rows)):
+            if rows:
+                row[key] = validation_pass(model, processor, rows, loss, cache=caches.get(key.split("_")[0]),
+                                           max_len=max_len)["loss"]
         if args.val_wer_samples:
-            wer = eval_wer(model, processor, val_samples[: args.val_wer_samples], decoding)
+            wer = val["wer"]
             row.update(val_wer=wer["wer"], val_cer=wer["cer"], val_wer_n=wer["n"])
         row["monitor"] = row["val_loss"] + row.get("replay_loss", 0.0)
         row["val_seconds"] = round(time.perf_counter() - t0, 2)

@@ -75,3 +75,29 @@ def test_suppress_blank_never_returns_empty(tiny):
     model, processor = tiny
     for res in decode_batch(model, processor, clips([4000, 8000], seed=4), DecodingOptions(suppress_blank=True)):
         assert res.tokens
+
+
+@pytest.mark.parametrize("beam", [1, 3])
+def test_compiled_step_gives_the_eager_tokens(tiny, beam):
+    # The compiled per-token graph (fixed-capacity KV cache, offset as an array) against the same loop run
+    # op by op; rows leaving the batch retrace it at the smaller batch size.
+    model, processor = tiny
+    audio = clips([16000, 5000, 30000, 9000], seed=5)
+    opts = DecodingOptions(beam_size=beam)
+    compiled = decode_batch(model, processor, audio, opts)
+    eager = decode_batch(model, processor, audio, opts, compile=False)
+    assert [r.tokens for r in compiled] == [r.tokens for r in eager]
+
+
+def test_kv_cache_keeps_its_shape_and_grows_in_blocks(tiny):
+    import mlx.core as mx
+
+    model, _ = tiny
+    memory, valid = model.encode(mx.array(clips([8000])[0][None]))
+    cache = model.new_cache(memory, valid)
+    shapes = set()
+    for t in range(70):
+        model.decode(mx.array([[1]]), cache=cache)
+        shapes.add(tuple(cache.self_attn[0].keys.shape))
+    assert cache.length == 70 and int(cache.offset) == 70
+    assert sorted(s[2] for s in shapes) == [64, 128]  # capacity: one block, then a second at token 65

@@ -263,7 +263,8 @@ def test_real_base_model_matches_transformers_wer_on_atc(shared_dir, base_hf_dir
 
 
 def test_in_training_wer_decodes_like_eval_even_past_20_seconds(tiny, tmp_path):
-    """Validation WER during training and `eval` share transcribe_clips: a 26 s clip is split alike."""
+    """Validation WER during training (trainer.eval_wer and the training loop's one-encoder-pass
+    validation) decodes as `eval` does: a 26 s clip is split alike."""
     import numpy as np
     import soundfile as sf
 
@@ -287,3 +288,11 @@ def test_in_training_wer_decodes_like_eval_even_past_20_seconds(tiny, tmp_path):
     by_id = {r["id"]: r for r in _rows(tmp_path / "run")}
     assert {r["id"]: r["hyp"] for r in in_training["samples"]} == {i: r["hyp_norm"] for i, r in by_id.items()}
     assert in_training["wer"] == summary["manifests"]["long"]["wer"]
+
+    from mlx_moonshine.train_eval import validation_pass
+    from mlx_moonshine.train_step import default_loss
+
+    samples = load_manifest(manifest).samples
+    val = validation_pass(model, processor, samples, default_loss, wer_rows=len(samples), options=DecodingOptions())
+    assert {r["id"]: r["hyp"] for r in val["wer"]["samples"]} == {i: r["hyp_norm"] for i, r in by_id.items()}
+    assert val["wer"]["wer"] == summary["manifests"]["long"]["wer"]

@@ -408,3 +408,39 @@ def test_grad_accum_equals_one_big_batch(tiny):
     assert n1 == n2 and l1 == pytest.approx(l2, rel=1e-5)
     for k in w1:
         np.testing.assert_allclose(w1[k], w2[k], rtol=1e-4, atol=2e-5)  # Adam step ~ lr * sign(g): tiny g are touchy
+
+
+def test_bucketed_batches_give_the_same_loss(tiny):
+    # Padding to the length buckets (the compiled step's shapes) is masked: the loss does not move.
+    from mlx_moonshine.train_batches import AUDIO_BUCKETS, TOKEN_BUCKETS
+    from mlx_moonshine.train_step import default_loss
+
+    model, processor = load(tiny / "model")
+    samples = load_manifest(tiny / "train.jsonl").samples
+    for pair in (samples[:2], samples[3:5]):
+        plain = tr.make_batch(pair, processor, _args(compile=False, pad_seconds=0.1))
+        bucketed = tr.make_batch(pair, processor, _args(compile=True, pad_seconds=0.1))
+        assert bucketed["audio"].shape[1] / 16000 in AUDIO_BUCKETS and bucketed["tokens"].shape[1] in TOKEN_BUCKETS
+        assert bucketed["audio"].shape[1] > plain["audio"].shape[1]
+        a, b = default_loss(model, plain), default_loss(model, bucketed)
+        np.testing.assert_allclose(float(a[0]), float(b[0]), rtol=1e-5)
+        assert int(a[1]) == int(b[1])
+
+
+def test_one_pass_validation_measures_what_the_separate_passes_did(tiny):
+    # Val loss (token-weighted mean) and val WER of the same rows, from one encoder pass per row sorted by
+    # duration at batch 8, equal the separate passes: loss at the training batch, WER decoded from audio.
+    from mlx_moonshine.decoding import DecodingOptions
+    from mlx_moonshine.train_eval import validation_pass
+
+    model, processor = load(tiny / "model")
+    samples = load_manifest(tiny / "train.jsonl").samples
+    args = _args()
+    one = validation_pass(model, processor, samples, tr.default_loss, wer_rows=3, max_len=64)
+    np.testing.assert_allclose(one["loss"], tr.eval_loss(model, processor, samples, args, max_len=64), rtol=1e-5)
+    separate = tr.eval_wer(model, processor, samples[:3], DecodingOptions())
+    assert one["wer"]["samples"] == separate["samples"] and one["wer"]["wer"] == separate["wer"]
+    first4 = validation_pass(model, processor, samples, tr.default_loss, loss_rows=4, max_len=64)
+    np.testing.assert_allclose(first4["loss"], tr.eval_loss(model, processor, samples, args, max_batches=2,
+                                                            max_len=64), rtol=1e-5)
+    assert "wer" not in first4

@@ -1,0 +1,96 @@
+"""Validation during training: the val loss and the val WER of the same rows from one encoder pass.
+
+A validation used to cost about as much as the 50 training steps before it: the val loss at the training
+batch (2) in manifest order, then the val WER rows encoded again for decoding. Here rows go in order of
+duration (little padding) at `EVAL_BATCH`, each batch is encoded once, and that memory serves both the
+teacher-forced loss and the greedy/beam decode of the WER rows. What is measured does not change: the loss
+is the token-weighted mean over the same rows, the WER is over the same first rows, decoded by the shared
+decoder with the same budgets (the prepared clip lengths).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import mlx.core as mx
+import numpy as np
+
+from .audio import pad_batch
+from .train_batches import EncoderCache, load_clips, tokenize
+
+EVAL_BATCH = 8  # rows per validation batch (no gradients: memory is a few hundred MB at 8 x 12 s)
+
+
+def _duration(s) -> float:
+    return s.duration if s.duration is not None else 0.0
+
+
+def validation_pass(model, processor, samples, loss: Callable, *, loss_rows: Optional[int] = None,
+                    wer_rows: int = 0, options=None, cache: Optional[EncoderCache] = None, max_len=None,
+                    batch_size: int = EVAL_BATCH) -> dict:
+    """Loss over the first `loss_rows` of `samples` (None: all) and transcripts of the first `wer_rows`.
+
+    Returns:
+        {"loss": token-weighted mean loss (nan without loss rows), "tokens": label tokens,
+         "wer": corpus scores of the WER rows as `trainer.eval_wer` gives them (absent when wer_rows is 0)}.
+    """
+    from .audio import SAMPLE_RATE
+    from .decoding import DecodingOptions, decode_memory
+    from .distributed import world
+    from .metrics import corpus_scores, score
+    from .transcription import MAX_CHUNK_SECONDS, transcribe_clips
+
+    options = options or DecodingOptions()
+    loss_ids = {s.id for s in (samples if loss_rows is None else samples[:loss_rows])}
+    wer_ids = {s.id for s in samples[:wer_rows]}
+    rows = [s for s in dict((s.id, s) for s in samples).values() if s.id in loss_ids or s.id in wer_ids]
+    rows.sort(key=_duration)
+    longest = int(MAX_CHUNK_SECONDS * SAMPLE_RATE)
+
+    def one(chunk) -> tuple[float, int, list[dict]]:
+        """(loss x tokens, tokens, scored WER rows) of one batch: JSON-able, gathered between processes."""
+        if cache is not None:
+            memory, valid = cache.batch(chunk)
+            lengths = np.array([cache.samples[s.id] for s in chunk])
+        else:
+            x, lengths = pad_batch(load_clips(chunk, processor))  # rows of similar length: little padding
+            padded = bool((lengths != x.shape[1]).any())
+            memory, valid = model.encode(mx.array(x), mx.array(lengths) if padded else None)
+        mx.eval(memory)
+        total, count, scored = 0.0, 0, []
+        in_loss = [i for i, s in enumerate(chunk) if s.id in loss_ids]
+        if in_loss:
+            idx = mx.array(in_loss) if len(in_loss) < len(chunk) else None
+            tokens, labels = tokenize(processor, [chunk[i].text for i in in_loss], max_len)
+            batch = {"tokens": mx.array(tokens), "labels": mx.array(labels),
+                     "memory": memory if idx is None else memory[idx],
+                     "valid": valid if idx is None or valid is None else valid[idx]}
+            value, ntoks = loss(model, batch)
+            mx.eval(value, ntoks)
+            total, count = value.item() * ntoks.item(), int(ntoks.item())
+        in_wer = [i for i, s in enumerate(chunk) if s.id in wer_ids]
+        # A clip longer than eval's split limit is decoded as eval decodes it: in pieces, by transcribe_clips.
+        split = [i for i in in_wer if int(lengths[i]) > longest]
+        whole = [i for i in in_wer if int(lengths[i]) <= longest]
+        if whole:
+            idx = mx.array(whole)
+            results = decode_memory(model, processor, memory[idx], None if valid is None else valid[idx],
+                                    np.asarray(lengths)[whole], options)
+            scored += [dict(score(chunk[i].text, r.text), id=chunk[i].id) for i, r in zip(whole, results)]
+        if split:
+            results = transcribe_clips(model, processor, [chunk[i].audio_path for i in split], options, batch_size)
+            scored += [dict(score(chunk[i].text, r["text"]), id=chunk[i].id) for i, r in zip(split, results)]
+        return total, count, scored
+
+    chunks = [rows[b:b + batch_size] for b in range(0, len(rows), batch_size)]
+    total, count, scored = 0.0, 0, []
+    for t, c, sc in world().map_all(chunks, one):  # batches shared out between processes, gathered
+        total += t
+        count += c
+        scored += sc
+    out = {"loss": total / count if count else float("nan"), "tokens": count}
+    if wer_rows:
+        wer = corpus_scores(scored)
+        wer["samples"] = sorted(scored, key=lambda r: r["id"])
+        out["wer"] = wer
+    return out
