@@ -499,7 +499,8 @@ def fuse_cmd(model_path, adapter, out_dir, force):
 @click.option("--data", "data_dir", default=None, type=click.Path(file_okay=False, path_type=Path),
               help="A folder laid out like examples/atc (default: the bundled example).")
 @click.option("--model", "model_source", default=None,
-              help="Any `convert` SOURCE (default: the Hub's moonshine-tiny, else moonshine-cpp:base-en).")
+              help="Any `convert` SOURCE (default: the Hub's moonshine-tiny, else the same tiny from PyPI, "
+                   "moonshine-voice:tiny-en).")
 def quickstart(out_dir, minutes, steps, data_dir, model_source):
     """The main job end to end on the bundled ATC example: baseline, LoRA, tuned eval, compare, report, PEFT."""
     from .quickstart import quickstart as _quickstart

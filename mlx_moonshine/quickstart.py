@@ -3,7 +3,7 @@
 Every stage writes into its own folder of OUT and is skipped when already finished, so re-running
 continues where it stopped (an interrupted training run resumes from its last checkpoint).
 
-    OUT/model        the converted model (Hub moonshine-tiny when reachable, else moonshine-cpp base)
+    OUT/model        the converted model (Hub moonshine-tiny when reachable, else the same tiny from PyPI)
     OUT/baseline     eval of the model on the example's domain test + heldout manifests
     OUT/lora         the training run: adapters, curves (loss.png, wer.png), report.md, eval/tuned
     OUT/compare.txt  per-sample comparison, baseline vs tuned, with the heldout guardrail verdict
@@ -21,7 +21,7 @@ from .errors import MoonshineError
 from .io import atomic_write_text
 
 HUB_MODEL = "UsefulSensors/moonshine-tiny"
-PYPI_MODEL = "moonshine-cpp:base-en"
+PYPI_MODEL = "moonshine-voice:tiny-en"  # the same tiny weights as the Hub's, from PyPI: one model on every machine
 EXAMPLE = ("domain_train", "domain_val", "domain_test", "heldout_manifest")
 
 
@@ -76,7 +76,7 @@ def quickstart(out_dir: str | Path = "runs/quickstart", minutes: float = 12.0, s
         minutes: wall-clock budget for the training stage (it stops early when the budget is spent).
         steps: optimizer steps planned for training (the lr schedule spans them).
         data_dir: a folder laid out like examples/atc (default: the bundled example).
-        model_source: anything `convert` accepts; default: the Hub's moonshine-tiny, else moonshine-cpp base.
+        model_source: anything `convert` accepts; default: the Hub's moonshine-tiny, else real tiny from PyPI (moonshine-voice).
     """
     from .canary import resolve_canary
     from .compare import compare_runs
