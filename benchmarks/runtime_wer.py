@@ -33,6 +33,34 @@ def _mlx_rows(run_dir: Path, name: str) -> dict:
     return out
 
 
+_CPP_CHILD = """
+import json, sys
+import moonshine_cpp
+model = moonshine_cpp.MoonshineModel(model_dir_path=sys.argv[1], model_type=sys.argv[2])
+for wav in sys.argv[3:]:
+    print(json.dumps(model.transcribe_wav(wav).strip()), flush=True)
+"""
+
+
+def _cpp_transcripts(folder: Path, architecture: str, wavs: list, per_child: int = 40) -> list[str]:
+    """moonshine_cpp's transcripts of `wavs`, `per_child` clips per child process: moonshine_cpp 0.1.4 keeps
+    ~90 MB per transcribed clip until its process exits (one process over 240 clips was killed for memory)."""
+    import subprocess
+
+    from tqdm import tqdm
+
+    out = []
+    for b in tqdm(range(0, len(wavs), per_child), desc="moonshine_cpp", unit="batch", file=sys.stderr):
+        part = [str(w) for w in wavs[b:b + per_child]]
+        done = subprocess.run([sys.executable, "-c", _CPP_CHILD, str(folder), architecture, *part],
+                              capture_output=True, text=True, check=True)
+        texts = [json.loads(line) for line in done.stdout.splitlines() if line.strip()]
+        if len(texts) != len(part):
+            raise SystemExit(f"moonshine_cpp returned {len(texts)} transcripts for {len(part)} clips: {done.stderr[-500:]}")
+        out += texts
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", required=True, help="MLX model converted from moonshine-cpp:base-en or "
@@ -79,11 +107,9 @@ def main(argv=None) -> int:
     use_cpp = "moonshine_cpp" in engines and architecture == "base"
     if use_cpp and importlib.util.find_spec("moonshine_cpp") is None:
         raise SystemExit("moonshine_cpp is not installed: pip install moonshine-cpp==0.1.4 (or --engine onnxruntime)")
-    if use_cpp:  # loaded once (moonshine_cpp_transcribe loads it per call, fine for --verify's one clip)
-        import moonshine_cpp
+    if use_cpp:
         import soundfile as sf
 
-        cpp = moonshine_cpp.MoonshineModel(model_dir_path=str(folder), model_type=architecture)
         scratch = Path(tempfile.mkdtemp(prefix="runtime_wer-"))
     table = {}
     for manifest in args.manifest:
@@ -94,6 +120,7 @@ def main(argv=None) -> int:
         rows = {"mlx": [], **({"onnxruntime": []} if use_ort else {}), **({"moonshine_cpp": []} if use_cpp else {})}
         same = {k: 0 for k in rows}
         seconds = {k: 0.0 for k in rows}
+        hyps = []
         for s in tqdm(samples, desc=name, unit="clip", file=sys.stderr, dynamic_ncols=True):
             x = prepare_audio(s.audio_path, processor.audio)
             hyp = {"mlx": mlx[str(s.id)]["hyp"]}
@@ -107,11 +134,16 @@ def main(argv=None) -> int:
                     words.append(processor.tokenizer.decode(ids).strip())
                 hyp["onnxruntime"] = " ".join(w for w in words if w)
                 seconds["onnxruntime"] += time.perf_counter() - t0
-            if use_cpp:
-                t0 = time.perf_counter()
-                sf.write(scratch / "clip.wav", x, processor.audio.sample_rate, subtype="PCM_16")
-                hyp["moonshine_cpp"] = cpp.transcribe_wav(str(scratch / "clip.wav")).strip()
-                seconds["moonshine_cpp"] += time.perf_counter() - t0
+            if use_cpp:  # written now, transcribed below in child processes
+                sf.write(scratch / f"{len(hyps)}.wav", x, processor.audio.sample_rate, subtype="PCM_16")
+            hyps.append(hyp)
+        if use_cpp:
+            t0 = time.perf_counter()
+            texts = _cpp_transcripts(folder, architecture, [scratch / f"{i}.wav" for i in range(len(hyps))])
+            seconds["moonshine_cpp"] = time.perf_counter() - t0
+            for hyp, text in zip(hyps, texts):
+                hyp["moonshine_cpp"] = text
+        for s, hyp in zip(samples, hyps):
             ref_mlx = normalizer(hyp["mlx"])
             for k, text in hyp.items():
                 rows[k].append(dict(score(s.text, text, normalizer), id=s.id))
