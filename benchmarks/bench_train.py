@@ -61,7 +61,7 @@ def run_mlx(args, config: dict) -> dict:
     import mlx.core as mx
     import mlx.optimizers as optim
 
-    from mlx_moonshine import fastmath
+    from mlx_moonshine.models import fastmath
     from mlx_moonshine.adapters import AdapterConfig, apply_adapters
     from mlx_moonshine.loading import load
     from mlx_moonshine.train_batches import EncoderCache, make_batch
@@ -153,7 +153,7 @@ def run_race_mlx(args) -> dict:
     import mlx.core as mx
     import mlx.optimizers as optim
 
-    from mlx_moonshine import fastmath
+    from mlx_moonshine.models import fastmath
     from mlx_moonshine.adapters import AdapterConfig, apply_adapters
     from mlx_moonshine.loading import load
     from mlx_moonshine.train_batches import make_batch

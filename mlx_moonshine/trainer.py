@@ -36,7 +36,7 @@ import mlx.optimizers as optim
 from mlx.utils import tree_flatten
 
 from . import data as data_lib
-from . import fastmath
+from .models import fastmath
 from .distributed import world as _world
 from .adapters import AdapterConfig, adapter_layers, apply_adapters, load_adapters
 from .errors import MoonshineError

@@ -65,7 +65,7 @@ ORDERS = {
     "as listed": PUBLIC,
     "reversed": PUBLIC[::-1],
     "submodules imported first": ["import mlx_moonshine.transcription, mlx_moonshine.loading, "
-                                  "mlx_moonshine.decoding, mlx_moonshine.model, mlx_moonshine.streaming",
+                                  "mlx_moonshine.decoding, mlx_moonshine.models.moonshine, mlx_moonshine.models.streaming",
                                   *PUBLIC],
 }
 

@@ -21,7 +21,7 @@ from mlx_moonshine.adapters import (AdapterConfig, apply_adapters, find_targets,
                                     save_adapters)
 from mlx_moonshine.decoding import DecodingOptions, decode_batch
 from mlx_moonshine.loading import convert, load
-from mlx_moonshine.streaming import StreamingModel
+from mlx_moonshine.models.streaming import StreamingModel
 from mlx_moonshine.transcription import transcribe
 
 torch = pytest.importorskip("torch")

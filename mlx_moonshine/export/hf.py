@@ -98,7 +98,7 @@ def _read_json(path: Path) -> dict:
 
 def write_hf(model, processor, out_dir: Path) -> Path:
     """Write `model` (no adapter layers) as a transformers checkpoint folder, atomically."""
-    from ..model import Model
+    from ..models.moonshine import Model
 
     if not isinstance(model, Model):
         raise ModelError(f"export hf supports model_type 'moonshine' only, not {model.args.model_type!r}")
