@@ -240,7 +240,7 @@ def load(path_or_repo: str | Path, adapter: Optional[str | Path] = None, dtype: 
     model = load_model(model_dir, dtype)
     processor = load_processor(model_dir)
     if adapter is not None:
-        from .adapters import load_adapters
+        from .adapters.apply import load_adapters
 
         load_adapters(model, adapter)
         model.eval()

@@ -38,7 +38,7 @@ from mlx.utils import tree_flatten
 from . import data as data_lib
 from .models import fastmath
 from .distributed import world as _world
-from .adapters import AdapterConfig, adapter_layers, apply_adapters, load_adapters
+from .adapters.apply import AdapterConfig, adapter_layers, apply_adapters, load_adapters
 from .errors import MoonshineError
 from .teacher import base_targets, distill_loss, manifest_targets, teacher_table
 from .train_batches import AUGMENTS, IGNORE, EncoderCache, load_clips, make_batch, tokenize, use_buckets  # noqa: F401

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
-from mlx_moonshine.adapters import (
+from mlx_moonshine.adapters.apply import (
     AdapterConfig,
     adapter_layers,
     apply_adapters,
@@ -24,10 +24,10 @@ from mlx_moonshine.adapters import (
     load_adapters,
     save_adapters,
 )
-from mlx_moonshine.dora import DoRALinear
+from mlx_moonshine.adapters.dora import DoRALinear
 from mlx_moonshine.errors import ModelError
 from mlx_moonshine.models.fastmath import linear as base_linear
-from mlx_moonshine.lora import LoRALinear
+from mlx_moonshine.adapters.lora import LoRALinear
 
 # -- a stand-in model with Moonshine's module paths ---------------------------------------------
 

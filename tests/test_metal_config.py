@@ -11,7 +11,7 @@ import mlx.core as mx
 import mlx.optimizers as optim
 
 from mlx_moonshine.models import fastmath
-from mlx_moonshine.adapters import AdapterConfig, apply_adapters
+from mlx_moonshine.adapters.apply import AdapterConfig, apply_adapters
 from mlx_moonshine.data import load_manifest
 from mlx_moonshine.decoding import DecodingOptions, decode_batch
 from mlx_moonshine.loading import load

@@ -30,7 +30,7 @@ def python_snippets() -> list[str]:
 
 @pytest.fixture(scope="module")
 def readme_folder(tiny_model_dir, tmp_path_factory) -> Path:
-    from mlx_moonshine.adapters import AdapterConfig, apply_adapters, save_adapters
+    from mlx_moonshine.adapters.apply import AdapterConfig, apply_adapters, save_adapters
     from mlx_moonshine.loading import load
 
     root = tmp_path_factory.mktemp("readme")

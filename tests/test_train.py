@@ -206,7 +206,7 @@ def test_nonfinite_batch_skipped_and_counted(tiny, tmp_path):
     def snapshot(row):
         nonlocal before
         if row["kind"] == "train" and row["step"] == 2:
-            from mlx_moonshine.adapters import adapter_weights
+            from mlx_moonshine.adapters.apply import adapter_weights
             before = {k: np.array(v) for k, v in adapter_weights(model).items()}
 
     summary = tr.train(model, processor, load_manifest(tiny / "train.jsonl"), load_manifest(tiny / "val.jsonl"),
@@ -387,7 +387,7 @@ def test_replay_mix_and_augment_are_pure_functions_of_position(tiny):
 def test_grad_accum_equals_one_big_batch(tiny):
     import mlx.optimizers as optim
 
-    from mlx_moonshine.adapters import adapter_weights, apply_adapters
+    from mlx_moonshine.adapters.apply import adapter_weights, apply_adapters
 
     samples = load_manifest(tiny / "train.jsonl").samples[:4]
     args = _args()

@@ -33,7 +33,7 @@ _DTYPE_NAMES = {mx.float32: "float32", mx.float16: "float16", mx.bfloat16: "bflo
 
 def load_fused(model_dir: PathLike, adapter: Optional[PathLike] = None):
     """(model, processor) from `model_dir`, with `adapter` (run or adapter folder) fused in if given."""
-    from ..adapters import fuse_model
+    from ..adapters.apply import fuse_model
     from ..loading import load
 
     if adapter is not None:
