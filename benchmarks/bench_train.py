@@ -61,8 +61,8 @@ def run_mlx(args, config: dict) -> dict:
     import mlx.core as mx
     import mlx.optimizers as optim
 
-    from mlx_moonshine import fastmath
-    from mlx_moonshine.adapters import AdapterConfig, apply_adapters
+    from mlx_moonshine.models import fastmath
+    from mlx_moonshine.adapters.apply import AdapterConfig, apply_adapters
     from mlx_moonshine.loading import load
     from mlx_moonshine.train_batches import EncoderCache, make_batch
     from mlx_moonshine.train_step import Stepper, default_loss, step_compiled
@@ -153,8 +153,8 @@ def run_race_mlx(args) -> dict:
     import mlx.core as mx
     import mlx.optimizers as optim
 
-    from mlx_moonshine import fastmath
-    from mlx_moonshine.adapters import AdapterConfig, apply_adapters
+    from mlx_moonshine.models import fastmath
+    from mlx_moonshine.adapters.apply import AdapterConfig, apply_adapters
     from mlx_moonshine.loading import load
     from mlx_moonshine.train_batches import make_batch
     from mlx_moonshine.train_step import Stepper, default_loss, step_compiled

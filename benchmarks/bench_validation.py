@@ -26,7 +26,7 @@ def main():
     args = ap.parse_args()
 
     import mlx_moonshine  # noqa: F401
-    from mlx_moonshine.adapters import AdapterConfig, apply_adapters
+    from mlx_moonshine.adapters.apply import AdapterConfig, apply_adapters
     from mlx_moonshine.data import load_manifest
     from mlx_moonshine.decoding import DecodingOptions
     from mlx_moonshine.loading import load

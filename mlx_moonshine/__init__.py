@@ -23,10 +23,10 @@ _LAZY = {
     "transcribe": "transcription",
     "transcribe_clips": "transcription",
     "DecodingOptions": "decoding",
-    "Model": "model",
-    "ModelArgs": "model",
-    "StreamingModel": "streaming",
-    "StreamingArgs": "streaming",
+    "Model": "models.moonshine",
+    "ModelArgs": "models.moonshine",
+    "StreamingModel": "models.streaming",
+    "StreamingArgs": "models.streaming",
 }
 __all__ = ["__version__", *_LAZY]
 

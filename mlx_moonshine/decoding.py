@@ -21,7 +21,7 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from .audio import SAMPLE_RATE, pad_batch
-from .cache import CompiledStep
+from .models.cache import CompiledStep
 from .errors import MoonshineError
 
 
@@ -292,7 +292,7 @@ def decode_step(model) -> CompiledStep:
     A trace is not free, so the step lives across `decode_batch` calls (kept on the model); a trace captures
     the weights (and their transposed copies) as constants, so new weights need a new step.
     """
-    from . import fastmath
+    from .models import fastmath
 
     # The trace also bakes in train/eval mode (adapter dropout) and which kernels the CPU uses.
     weights = (model.training, fastmath.use_fast_cpu_ops(), *(v for _, v in tree_flatten(model.parameters())))

@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
+from .adapters.apply import WEIGHTS_FILE
 from .data import Sample, copy_manifest, load_manifest
 from .decoding import DecodingOptions
 from .distributed import world as _world
@@ -35,7 +36,6 @@ RUN_FILE = "run.json"
 SUMMARY_FILE = "summary.json"
 PREDICTIONS_FILE = "predictions.jsonl"
 MODEL_WEIGHTS = "model.safetensors"
-ADAPTER_WEIGHTS = "adapters.safetensors"
 
 # run.json keys that must match for rows of two sessions to share one predictions.jsonl.
 _FINGERPRINT = ("decoding", "audio_normalization", "text_normalizer", "model", "adapter")
@@ -226,7 +226,7 @@ def evaluate(model, processor, manifests: Sequence[str | Path], out_dir: str | P
         decoding=options.to_dict(), audio_normalization=processor.audio.to_dict(),
         text_normalizer=normalizer.to_dict(),
         model=_weights_record(model_path if model_path is not None else processor.path, MODEL_WEIGHTS),
-        adapter=_weights_record(adapter_path, ADAPTER_WEIGHTS),
+        adapter=_weights_record(adapter_path, WEIGHTS_FILE),
         manifests={name: dict(source=str(m.path), sha256=m.sha256) for name, m in loaded.items()},
         mlx_moonshine_version=_version(),
     )

@@ -127,15 +127,18 @@ def build_model(config: dict, source: str | Path = "config.json"):
     """
     model_type = config.get("model_type", "moonshine")
     if model_type == "moonshine":
-        from .model import Model as cls, ModelArgs as args_cls
+        from .models.moonshine import Model as cls, ModelArgs as args_cls
     elif model_type == "moonshine_streaming":
-        from .streaming import StreamingArgs as args_cls, StreamingModel as cls
+        from .models.streaming import StreamingArgs as args_cls, StreamingModel as cls
     else:
         raise ModelError(f"{source}: model_type {model_type!r} is not supported (moonshine, moonshine_streaming)")
     problems = _config_problems(config, args_cls)
     if problems:
         raise ModelError(f"{source}: bad value(s): {'; '.join(problems)}; fix them (a Moonshine config.json "
                          "from Hugging Face or `mlx-moonshine convert` has numbers there)")
+    from .models import fastmath
+
+    fastmath.configure_cpu_cache()  # the inference allocator setting, made where a model is built
     try:
         return cls(args_cls.from_dict(config))
     except MoonshineError:
@@ -237,7 +240,7 @@ def load(path_or_repo: str | Path, adapter: Optional[str | Path] = None, dtype: 
     model = load_model(model_dir, dtype)
     processor = load_processor(model_dir)
     if adapter is not None:
-        from .adapters import load_adapters
+        from .adapters.apply import load_adapters
 
         load_adapters(model, adapter)
         model.eval()

@@ -390,7 +390,7 @@ def run_training(cli: dict, *, config_file=None, resume=None, fuse: bool = False
 
 def _run_training(args: TrainArgs, paths: dict, t0: float, report_opts: dict, *, resume, fuse: bool, decoding,
                   skip_invalid: bool, log: Callable[[str], None]) -> dict:
-    from .adapters import fuse_model, load_adapters
+    from .adapters.apply import fuse_model, load_adapters
     from .canary import resolve_canary
     from .distributed import world
     from .data import load_manifest

@@ -28,7 +28,7 @@ from typing import Optional
 import mlx.core as mx
 from mlx.utils import tree_flatten, tree_unflatten
 
-from .adapters import save_adapters
+from .adapters.apply import save_adapters
 from .errors import MoonshineError, OutputError
 from .io import (atomic_path, atomic_save_safetensors, atomic_write_bytes, atomic_write_json, atomic_write_text,
                  make_temp_dir, sha256_file, staged_error, writing)

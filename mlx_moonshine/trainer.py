@@ -36,9 +36,9 @@ import mlx.optimizers as optim
 from mlx.utils import tree_flatten
 
 from . import data as data_lib
-from . import fastmath
+from .models import fastmath
 from .distributed import world as _world
-from .adapters import AdapterConfig, adapter_layers, apply_adapters, load_adapters
+from .adapters.apply import AdapterConfig, adapter_layers, apply_adapters, load_adapters
 from .errors import MoonshineError
 from .teacher import base_targets, distill_loss, manifest_targets, teacher_table
 from .train_batches import AUGMENTS, IGNORE, EncoderCache, load_clips, make_batch, tokenize, use_buckets  # noqa: F401

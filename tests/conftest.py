@@ -92,7 +92,7 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 
     from mlx_moonshine.audio import AudioConfig
     from mlx_moonshine.loading import Processor, save
-    from mlx_moonshine.model import Model, ModelArgs
+    from mlx_moonshine.models.moonshine import Model, ModelArgs
     from mlx_moonshine.tokenizer import Tokenizer
 
     src = tmp_path_factory.mktemp("tiny-src")

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
-from mlx_moonshine.adapters import (
+from mlx_moonshine.adapters.apply import (
     AdapterConfig,
     adapter_layers,
     apply_adapters,
@@ -24,10 +24,10 @@ from mlx_moonshine.adapters import (
     load_adapters,
     save_adapters,
 )
-from mlx_moonshine.dora import DoRALinear
+from mlx_moonshine.adapters.dora import DoRALinear
 from mlx_moonshine.errors import ModelError
-from mlx_moonshine.fastmath import linear as base_linear
-from mlx_moonshine.lora import LoRALinear
+from mlx_moonshine.models.fastmath import linear as base_linear
+from mlx_moonshine.adapters.lora import LoRALinear
 
 # -- a stand-in model with Moonshine's module paths ---------------------------------------------
 
@@ -421,7 +421,7 @@ def test_load_into_wrong_model_lists_every_mismatch(tmp_path):
 
 
 def test_tiny_moonshine_model():
-    from mlx_moonshine import model as model_mod
+    from mlx_moonshine.models import moonshine as model_mod
     args = model_mod.ModelArgs(vocab_size=50, hidden_size=32, intermediate_size=48,
                                encoder_num_hidden_layers=2, decoder_num_hidden_layers=2,
                                encoder_num_attention_heads=4, decoder_num_attention_heads=4)

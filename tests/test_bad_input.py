@@ -231,7 +231,7 @@ def _other_size_model(e, t):
 
     from mlx_moonshine.audio import AudioConfig
     from mlx_moonshine.loading import Processor, load_processor, save
-    from mlx_moonshine.model import Model, ModelArgs
+    from mlx_moonshine.models.moonshine import Model, ModelArgs
 
     base = load_processor(e["model"])
     mx.random.seed(1)

@@ -215,7 +215,7 @@ def test_step_with_a_reduce_and_an_empty_shard_equals_the_plain_step(tiny_model_
     nothing; a micro-batch this process has no rows of (None) adds nothing."""
     import mlx.optimizers as optim
 
-    from mlx_moonshine.adapters import AdapterConfig, apply_adapters
+    from mlx_moonshine.adapters.apply import AdapterConfig, apply_adapters
     from mlx_moonshine.loading import load
     from mlx_moonshine.train_batches import make_batch
     from mlx_moonshine.train_step import Stepper, default_loss

@@ -14,7 +14,7 @@ import pytest
 from click.testing import CliRunner
 
 from conftest import write_tiny_tokenizer
-from mlx_moonshine.adapters import AdapterConfig, adapter_layers, apply_adapters, save_adapters
+from mlx_moonshine.adapters.apply import AdapterConfig, adapter_layers, apply_adapters, save_adapters
 from mlx_moonshine.cli import main
 from mlx_moonshine.errors import ModelError, MoonshineError
 from mlx_moonshine.export import export_hf, export_peft, import_peft

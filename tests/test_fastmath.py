@@ -7,7 +7,7 @@ import mlx_moonshine  # noqa: F401
 import mlx.core as mx
 import mlx.nn as nn
 
-from mlx_moonshine import fastmath
+from mlx_moonshine.models import fastmath
 
 OPS = {
     "gelu": (fastmath.gelu, nn.gelu),

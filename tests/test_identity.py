@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten, tree_unflatten
 
-from mlx_moonshine.adapters import AdapterConfig, adapter_layers, apply_adapters
-from mlx_moonshine.model import Model, ModelArgs
-from mlx_moonshine.streaming import StreamingArgs, StreamingModel
+from mlx_moonshine.adapters.apply import AdapterConfig, adapter_layers, apply_adapters
+from mlx_moonshine.models.moonshine import Model, ModelArgs
+from mlx_moonshine.models.streaming import StreamingArgs, StreamingModel
 
 VOCAB = 40
 

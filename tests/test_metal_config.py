@@ -10,8 +10,8 @@ import mlx_moonshine  # noqa: F401  (preloads OpenBLAS before mlx)
 import mlx.core as mx
 import mlx.optimizers as optim
 
-from mlx_moonshine import fastmath
-from mlx_moonshine.adapters import AdapterConfig, apply_adapters
+from mlx_moonshine.models import fastmath
+from mlx_moonshine.adapters.apply import AdapterConfig, apply_adapters
 from mlx_moonshine.data import load_manifest
 from mlx_moonshine.decoding import DecodingOptions, decode_batch
 from mlx_moonshine.loading import load

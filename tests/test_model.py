@@ -6,7 +6,7 @@ import pytest
 import mlx_moonshine  # noqa: F401  (preloads OpenBLAS before mlx)
 import mlx.core as mx
 
-from mlx_moonshine.model import Model, ModelArgs, frame_lengths
+from mlx_moonshine.models.moonshine import Model, ModelArgs, frame_lengths
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")

@@ -30,7 +30,7 @@ def python_snippets() -> list[str]:
 
 @pytest.fixture(scope="module")
 def readme_folder(tiny_model_dir, tmp_path_factory) -> Path:
-    from mlx_moonshine.adapters import AdapterConfig, apply_adapters, save_adapters
+    from mlx_moonshine.adapters.apply import AdapterConfig, apply_adapters, save_adapters
     from mlx_moonshine.loading import load
 
     root = tmp_path_factory.mktemp("readme")
@@ -65,7 +65,7 @@ ORDERS = {
     "as listed": PUBLIC,
     "reversed": PUBLIC[::-1],
     "submodules imported first": ["import mlx_moonshine.transcription, mlx_moonshine.loading, "
-                                  "mlx_moonshine.decoding, mlx_moonshine.model, mlx_moonshine.streaming",
+                                  "mlx_moonshine.decoding, mlx_moonshine.models.moonshine, mlx_moonshine.models.streaming",
                                   *PUBLIC],
 }
 

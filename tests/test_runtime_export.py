@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from mlx_moonshine.adapters import AdapterConfig, adapter_layers, apply_adapters, save_adapters
+from mlx_moonshine.adapters.apply import AdapterConfig, adapter_layers, apply_adapters, save_adapters
 from mlx_moonshine.cli import main
 from mlx_moonshine.export import runtime
 from mlx_moonshine.export.hf import hf_state_dict, load_fused

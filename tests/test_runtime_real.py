@@ -12,7 +12,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from mlx_moonshine.adapters import AdapterConfig, adapter_layers, apply_adapters, save_adapters
+from mlx_moonshine.adapters.apply import AdapterConfig, adapter_layers, apply_adapters, save_adapters
 from mlx_moonshine.audio import AudioConfig, prepare_audio, split_on_silence
 from mlx_moonshine.decoding import DecodingOptions, decode_batch
 from mlx_moonshine.errors import MoonshineError

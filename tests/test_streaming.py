@@ -13,7 +13,7 @@ import mlx_moonshine  # noqa: F401  (preloads OpenBLAS before anything imports m
 import mlx.core as mx
 
 from mlx_moonshine.errors import ModelError
-from mlx_moonshine.streaming import StreamingArgs, StreamingModel, frame_lengths
+from mlx_moonshine.models.streaming import StreamingArgs, StreamingModel, frame_lengths
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")

@@ -17,11 +17,11 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 from mlx.utils import tree_flatten
 
-from mlx_moonshine.adapters import (AdapterConfig, apply_adapters, find_targets, fuse_model, load_adapters,
+from mlx_moonshine.adapters.apply import (AdapterConfig, apply_adapters, find_targets, fuse_model, load_adapters,
                                     save_adapters)
 from mlx_moonshine.decoding import DecodingOptions, decode_batch
 from mlx_moonshine.loading import convert, load
-from mlx_moonshine.streaming import StreamingModel
+from mlx_moonshine.models.streaming import StreamingModel
 from mlx_moonshine.transcription import transcribe
 
 torch = pytest.importorskip("torch")

@@ -22,7 +22,7 @@ from mlx_moonshine import trainer as tr
 from mlx_moonshine.audio import prepare_audio
 from mlx_moonshine.data import load_manifest, write_manifest, Sample
 from mlx_moonshine.loading import load
-from mlx_moonshine.model import Model, ModelArgs
+from mlx_moonshine.models.moonshine import Model, ModelArgs
 
 TEXTS = ["climb flight level two", "turn left heading three", "contact tower one one eight",
          "descend four thousand", "cleared to land runway two", "hold short runway niner"]
@@ -181,9 +181,9 @@ def test_training_loop_runs_with_the_smaller_allocator_cache(tiny, tmp_path, mon
     if mx.default_device().type != mx.DeviceType.cpu:
         pytest.skip("the allocator cache is tuned for the CPU backend only")
     monkeypatch.delenv("MLX_MOONSHINE_CPU_CACHE_MB", raising=False)
-    before = _cache_limit()
     seen = []
-    model, processor = load(tiny / "model")
+    model, processor = load(tiny / "model")  # loading sets the inference cache
+    before = _cache_limit()
     tr.train(model, processor, load_manifest(tiny / "train.jsonl"), load_manifest(tiny / "val.jsonl"),
              _args(max_steps=4, eval_every=4, val_wer_samples=0), run_dir=tmp_path / "run",
              callback=lambda row: seen.append(_cache_limit()), log=lambda m: None, progress=False)
@@ -206,7 +206,7 @@ def test_nonfinite_batch_skipped_and_counted(tiny, tmp_path):
     def snapshot(row):
         nonlocal before
         if row["kind"] == "train" and row["step"] == 2:
-            from mlx_moonshine.adapters import adapter_weights
+            from mlx_moonshine.adapters.apply import adapter_weights
             before = {k: np.array(v) for k, v in adapter_weights(model).items()}
 
     summary = tr.train(model, processor, load_manifest(tiny / "train.jsonl"), load_manifest(tiny / "val.jsonl"),
@@ -387,7 +387,7 @@ def test_replay_mix_and_augment_are_pure_functions_of_position(tiny):
 def test_grad_accum_equals_one_big_batch(tiny):
     import mlx.optimizers as optim
 
-    from mlx_moonshine.adapters import adapter_weights, apply_adapters
+    from mlx_moonshine.adapters.apply import adapter_weights, apply_adapters
 
     samples = load_manifest(tiny / "train.jsonl").samples[:4]
     args = _args()

@@ -33,7 +33,7 @@ _DTYPE_NAMES = {mx.float32: "float32", mx.float16: "float16", mx.bfloat16: "bflo
 
 def load_fused(model_dir: PathLike, adapter: Optional[PathLike] = None):
     """(model, processor) from `model_dir`, with `adapter` (run or adapter folder) fused in if given."""
-    from ..adapters import fuse_model
+    from ..adapters.apply import fuse_model
     from ..loading import load
 
     if adapter is not None:
@@ -98,7 +98,7 @@ def _read_json(path: Path) -> dict:
 
 def write_hf(model, processor, out_dir: Path) -> Path:
     """Write `model` (no adapter layers) as a transformers checkpoint folder, atomically."""
-    from ..model import Model
+    from ..models.moonshine import Model
 
     if not isinstance(model, Model):
         raise ModelError(f"export hf supports model_type 'moonshine' only, not {model.args.model_type!r}")

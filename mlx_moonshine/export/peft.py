@@ -31,11 +31,11 @@ from typing import Optional, Union
 import mlx.core as mx
 import mlx.nn as nn
 
-from ..adapters import _PATH, CONFIG_FILE, WEIGHTS_FILE, AdapterConfig, check_not_peft
-from ..dora import DoRALinear
+from ..adapters.apply import _PATH, CONFIG_FILE, WEIGHTS_FILE, AdapterConfig, check_not_peft
+from ..adapters.dora import DoRALinear
 from ..errors import ModelError, OutputError
 from ..io import atomic_save_safetensors, atomic_write_json, make_temp_dir, staged_error
-from ..lora import LoRALinear
+from ..adapters.lora import LoRALinear
 
 PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
@@ -247,7 +247,7 @@ def check_against_model(model_dir: PathLike, config_file: Path, weights_file: Pa
 
     `name` is the folder the user gave, used in the message in place of a staging or scratch folder.
     """
-    from ..adapters import load_adapters
+    from ..adapters.apply import load_adapters
     from ..loading import load
 
     model, _ = load(model_dir)

@@ -86,7 +86,7 @@ def verify_peft(model_dir: PathLike, adapter_dir_or_run: PathLike, peft_dir: Pat
     import transformers
     from peft import PeftModel
 
-    from ..adapters import load_adapters
+    from ..adapters.apply import load_adapters
     from ..loading import load
     from .hf import write_hf
     from .peft import adapter_folder, resolve_adapter

@@ -31,7 +31,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from .fastmath import linear as base_linear
+from ..models.fastmath import linear as base_linear
 
 INITS = ("default", "pissa")  # plus "pissa_niter_N"
 

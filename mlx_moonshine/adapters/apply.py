@@ -36,8 +36,8 @@ import mlx.nn as nn
 from mlx.utils import tree_unflatten
 
 from .dora import DoRALinear
-from .errors import ModelError
-from .io import atomic_save_safetensors, atomic_write_text
+from ..errors import ModelError
+from ..io import atomic_save_safetensors, atomic_write_text
 from .lora import LoRALinear, check_init, dense_weight
 
 CONFIG_FILE = "adapter_config.json"

@@ -60,8 +60,10 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from .cache import DecoderCache
-from .errors import ModelError
-from .model import Decoder, ModelArgs, _activation, attention_mask as additive_key_mask, linear, tied_logits
+from ..errors import ModelError
+from .fastmath import linear
+from .layers import Decoder, EncoderMLP, attention_mask as additive_key_mask, tied_logits
+from .moonshine import ModelArgs
 
 CONV_KERNEL, CONV_STRIDE = 5, 2  # both causal convs of the embedder
 
@@ -303,22 +305,11 @@ class EncoderAttention(nn.Module):
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
 
 
-class EncoderMLP(nn.Module):
-    def __init__(self, args: StreamingEncoderArgs):
-        super().__init__()
-        self.fc1 = nn.Linear(args.hidden_size, args.intermediate_size)
-        self.fc2 = nn.Linear(args.intermediate_size, args.hidden_size)
-        self.act = _activation(args.hidden_act)
-
-    def __call__(self, x: mx.array) -> mx.array:
-        return self.fc2(self.act(self.fc1(x)))
-
-
 class EncoderLayer(nn.Module):
     def __init__(self, args: StreamingEncoderArgs):
         super().__init__()
         self.self_attn = EncoderAttention(args)
-        self.mlp = EncoderMLP(args)
+        self.mlp = EncoderMLP(args.hidden_size, args.intermediate_size, args.hidden_act)
         self.input_layernorm = UnitOffsetLayerNorm(args.hidden_size)
         self.post_attention_layernorm = UnitOffsetLayerNorm(args.hidden_size)
 
