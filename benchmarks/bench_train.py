@@ -313,8 +313,9 @@ def main():
                     help="our step compiled (default: as `train` runs it) or not, for the before/after")
     ap.add_argument("--race", action="store_true", help="also race mlx-tune (needs --mlxtune-python)")
     ap.add_argument("--race-only", action="store_true", help="only the race")
-    ap.add_argument("--mlxtune-python", default="/work/venv-mlxtune/bin/python",
-                    help="python of a venv with mlx-tune 0.6.0 (pip install 'mlx[cpu]' mlx-tune==0.6.0)")
+    ap.add_argument("--mlxtune-python", default=os.environ.get("MLXTUNE_PYTHON"),
+                    help="python of a venv with mlx-tune 0.6.0 (pip install 'mlx[cpu]' mlx-tune==0.6.0); "
+                         "default $MLXTUNE_PYTHON")
     ap.add_argument("--race-train", default=str(Path(__file__).parents[1] / "examples/atc/domain_train.jsonl"))
     ap.add_argument("--race-val", default=str(Path(__file__).parents[1] / "examples/atc/domain_val.jsonl"))
     ap.add_argument("--race-rows", type=int, default=40, help="training rows, once each, in manifest order")
@@ -324,6 +325,8 @@ def main():
     ap.add_argument("--engine", choices=["mlx", "torch", "race", "race-eval"], help=argparse.SUPPRESS)
     ap.add_argument("--config", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if (args.race or args.race_only) and not args.mlxtune_python:
+        ap.error("the race needs mlx-tune's python: --mlxtune-python VENV/bin/python (or $MLXTUNE_PYTHON)")
 
     if args.engine in ("race", "race-eval"):
         print(json.dumps(run_race_mlx(args) if args.engine == "race" else run_race_eval(args)))

@@ -23,14 +23,8 @@ from pathlib import Path
 
 import mlx_moonshine  # noqa: F401  (BLAS preload before mlx)
 
-
-def _mlx_rows(run_dir: Path, name: str) -> dict:
-    out = {}
-    for line in (run_dir / "predictions.jsonl").read_text().splitlines():
-        r = json.loads(line)
-        if r.get("manifest") == name:
-            out[str(r["id"])] = r
-    return out
+sys.path.insert(0, str(Path(__file__).parent))
+from guardrails import _rows as _mlx_rows  # noqa: E402  (one reader of an eval run's predictions by manifest)
 
 
 _CPP_CHILD = """
