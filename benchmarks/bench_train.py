@@ -166,8 +166,8 @@ def run_race_mlx(args) -> dict:
     apply_adapters(model, AdapterConfig(kind="lora", r=RANK, alpha=ALPHA, dropout=0.0, targets=RACE_TARGETS))
     model.train()
     fastmath.training_cpu_cache()
-    targs = TrainArgs(batch_size=args.race_batch)
-    B = args.race_batch
+    B = args.race_batch[0]
+    targs = TrainArgs(batch_size=B)
     batches = [make_batch(train[i:i + B], processor, targs) for i in range(0, len(train), B)]
     mx.eval([list(b.values()) for b in batches])
     stepper = Stepper(model, optim.AdamW(learning_rate=LR, weight_decay=targs.weight_decay), default_loss,
@@ -204,37 +204,55 @@ def run_race_eval(args) -> dict:
 
 
 def race(args) -> dict:
-    """Both trainers, each in its own process, one after the other; val WER through our decoder."""
+    """Both trainers, each in its own process, one after the other; val WER through our decoder.
+
+    MLX's CPU backend builds a kernel (a C++ compile) for every new fused shape and keeps it on disk under
+    $TMPDIR/mlx: a user's first run on new data starts cold. Each engine therefore first runs in a fresh,
+    empty kernel cache ("cold"); ours then runs once more in its now warm cache ("warm"), and mlx-tune too with
+    --race-mlxtune-warm (its unpadded clips give it one shape per clip length).
+    """
     import tempfile
 
     train, val = race_rows(args)
     with tempfile.TemporaryDirectory() as tmp:
         npz, fused, mt_out = Path(tmp) / "race.npz", Path(tmp) / "fused.safetensors", Path(tmp) / "mt.json"
         audio_s = write_race_npz(train, npz)
-        ours = child(args, ["--engine", "race"])
+        ours = []
+        for b in args.race_batch:
+            cache = Path(tmp) / f"kernels-mlx-b{b}"
+            cache.mkdir()
+            for state in ("cold", "warm"):
+                run = child(args, ["--engine", "race", "--race-batch", str(b)], tmpdir=cache)
+                ours.append(dict(run, kernel_cache=state))
         hf = Path(tmp) / "moonshine-base-hf"  # mlx-tune picks its Moonshine profile from the path name
         hf.symlink_to(Path(args.hf).resolve())
         cmd = [args.mlxtune_python, str(Path(__file__).with_name("mlxtune_child.py")), "--hf", str(hf), "--data",
                str(npz), "--rank", str(RANK), "--alpha", str(ALPHA), "--lr", str(LR), "--out", str(mt_out),
-               "--weights", str(fused)]
-        run = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp,
-                             env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
-        if run.returncode != 0:
-            theirs = {"error": (run.stderr.strip().splitlines() or ["failed"])[-1]}
-        else:
-            theirs = json.loads(mt_out.read_text())
+               "--weights", str(fused), *(["--mlx-blas"] if args.race_mlxtune_blas == "installed" else [])]
+        theirs, base = [], None
+        cache = Path(tmp) / "kernels-mlxtune"
+        cache.mkdir()
+        for state in ("cold", "warm") if args.race_mlxtune_warm else ("cold",):
+            env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+            run = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp, env=dict(env, TMPDIR=str(cache)))
+            if run.returncode != 0:
+                theirs.append({"error": (run.stderr.strip().splitlines() or ["failed"])[-1], "kernel_cache": state})
+                continue
+            row = dict(json.loads(mt_out.read_text()), kernel_cache=state)
             ev = child(args, ["--engine", "race-eval", "--race-weights", str(fused)])
-            theirs["val"] = ev.get("mlxtune", ev)
-            ours["base_val"] = ev.get("base")
+            row["val"] = ev.get("mlxtune", ev)
+            base = base or ev.get("base")
+            theirs.append(row)
     return {"rows": len(train), "val_rows": len(val), "audio_s": audio_s, "mlx": ours, "mlxtune": theirs,
-            "lr": LR, "rank": RANK, "alpha": ALPHA}
+            "base_val": base, "lr": LR, "rank": RANK, "alpha": ALPHA}
 
 
-def child(args, extra: list) -> dict:
+def child(args, extra: list, tmpdir=None) -> dict:
     cmd = [sys.executable, __file__, "--model", args.model, "--hf", args.hf, "--race-train", args.race_train,
            "--race-val", args.race_val, "--race-rows", str(args.race_rows), "--race-val-rows",
-           str(args.race_val_rows), "--race-batch", str(args.race_batch), *extra]
-    out = subprocess.run(cmd, capture_output=True, text=True)
+           str(args.race_val_rows), *extra]
+    env = dict(os.environ, TMPDIR=str(tmpdir)) if tmpdir is not None else None
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if out.returncode != 0:
         return {"error": (out.stderr.strip().splitlines() or ["failed"])[-1]}
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -320,7 +338,13 @@ def main():
     ap.add_argument("--race-val", default=str(Path(__file__).parents[1] / "examples/atc/domain_val.jsonl"))
     ap.add_argument("--race-rows", type=int, default=40, help="training rows, once each, in manifest order")
     ap.add_argument("--race-val-rows", type=int, default=60, help="first val rows decoded for the val WER")
-    ap.add_argument("--race-batch", type=int, default=2, help="our batch (mlx-tune's collator: 1)")
+    ap.add_argument("--race-batch", type=lambda v: [int(b) for b in v.split(",")], default=[1, 2],
+                    help="our batches, comma-separated (mlx-tune's collator: 1); default 1,2")
+    ap.add_argument("--race-mlxtune-blas", choices=["openblas", "installed"], default="openblas",
+                    help="mlx-tune with the same OpenBLAS preload as ours (default) or with MLX's reference BLAS "
+                         "as its venv installs it (~50x slower matmuls)")
+    ap.add_argument("--race-mlxtune-warm", action="store_true",
+                    help="run mlx-tune a second time in its warm kernel cache too")
     ap.add_argument("--race-weights", help=argparse.SUPPRESS)
     ap.add_argument("--engine", choices=["mlx", "torch", "race", "race-eval"], help=argparse.SUPPRESS)
     ap.add_argument("--config", help=argparse.SUPPRESS)
@@ -378,22 +402,20 @@ def main():
 def print_race(r: dict) -> None:
     print(f"\nrace: {r['rows']} training rows ({r['audio_s']:.0f} s of audio) once each, LoRA r={r['rank']} on q/v, "
           f"lr {r['lr']:g}; val WER on {r['val_rows']} val rows through the shared decoder")
-    base = (r["mlx"].get("base_val") or {}).get("wer")
-    if base is not None:
-        print(f"  base model val WER {base:.4f}")
-    for key, label in (("mlx", "mlx-moonshine"), ("mlxtune", "mlx-tune 0.6.0")):
-        e = r[key]
-        if "error" in e:
-            print(f"  {label:14s} error: {e['error']}")
-            continue
-        extra = (f", {e['trace_steps']} trace steps {e['trace_s']:.1f} s, steady {e['step_s']:.2f} s/step"
-                 if "trace_steps" in e else "")
-        print(f"  {label:14s} batch {e['batch']}: {e['audio_s_per_s']:.2f} audio s/s, {e['wall_s']:.1f} s wall, "
-              f"{e['wall_s'] / e['steps']:.2f} s/step, peak RSS {e['peak_rss_gb']:.2f} GB, "
-              f"val WER {e.get('val', {}).get('wer', float('nan')):.4f}{extra}")
-    if "error" not in r["mlx"] and "error" not in r["mlxtune"]:
-        print(f"  throughput ratio mlx-moonshine / mlx-tune: "
-              f"{r['mlx']['audio_s_per_s'] / r['mlxtune']['audio_s_per_s']:.2f}x")
+    if (r.get("base_val") or {}).get("wer") is not None:
+        print(f"  base model val WER {r['base_val']['wer']:.4f}")
+    cold = next((e for e in r["mlxtune"] if e.get("kernel_cache") == "cold" and "error" not in e), None)
+    for label, rows in (("mlx-moonshine", r["mlx"]), ("mlx-tune 0.6.0", r["mlxtune"])):
+        for e in rows:
+            if "error" in e:
+                print(f"  {label:14s} ({e.get('kernel_cache')}) error: {e['error']}")
+                continue
+            extra = (f", {e['trace_steps']} trace steps {e['trace_s']:.1f} s, steady {e['step_s']:.2f} s/step"
+                     if "trace_steps" in e else "")
+            ratio = f", {e['audio_s_per_s'] / cold['audio_s_per_s']:.2f}x mlx-tune cold" if cold else ""
+            print(f"  {label:14s} batch {e['batch']}, kernels {e['kernel_cache']}: {e['audio_s_per_s']:.2f} audio s/s"
+                  f"{ratio}, {e['wall_s']:.1f} s wall, {e['wall_s'] / e['steps']:.2f} s/step, peak RSS "
+                  f"{e['peak_rss_gb']:.2f} GB, val WER {e.get('val', {}).get('wer', float('nan')):.4f}{extra}")
 
 
 if __name__ == "__main__":

@@ -38,6 +38,23 @@ class MoonshineFraming:
         return self._tok.decode(ids, skip_special_tokens=True, **kw)
 
 
+def preload_openblas() -> str:
+    """The same OpenBLAS preload mlx_moonshine does (before mlx is imported): MLX's Linux wheel links a
+    reference BLAS ~50x slower, so without it mlx-tune would race with its matmuls tied behind its back."""
+    import ctypes
+    import ctypes.util
+
+    if not sys.platform.startswith("linux"):
+        return "macOS (Accelerate/Metal)"
+    for name in filter(None, (ctypes.util.find_library("openblas"), "libopenblas.so.0")):
+        try:
+            ctypes.CDLL(name, mode=ctypes.RTLD_GLOBAL)
+            return f"OpenBLAS ({name})"
+        except OSError:
+            continue
+    return "MLX reference BLAS (no OpenBLAS found)"
+
+
 def peak_rss_gb() -> float:
     kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return kb / (1024 ** 3 if sys.platform == "darwin" else 1024 ** 2)
@@ -52,7 +69,9 @@ def main():
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--out", required=True)
     ap.add_argument("--weights", required=True)
+    ap.add_argument("--mlx-blas", action="store_true", help="keep MLX's reference BLAS (mlx-tune as installed)")
     args = ap.parse_args()
+    blas = "MLX reference BLAS (as installed)" if args.mlx_blas else preload_openblas()
 
     import mlx.core as mx
     import mlx.nn as nn
@@ -92,7 +111,7 @@ def main():
     n_lora = sum(v.size for k, v in tree_flatten(inner.trainable_parameters()))
     json.dump({"wall_s": wall, "steps": n, "batch": 1, "audio_s": audio_s, "audio_s_per_s": audio_s / wall,
                "step_s": wall / n, "peak_rss_gb": peak_rss_gb(), "adapted_layers": len(fused),
-               "trainable": int(n_lora), "optimizer": "Adam (mlx-tune's), constant lr"},
+               "trainable": int(n_lora), "optimizer": "Adam (mlx-tune's), constant lr", "blas": blas},
               open(args.out, "w"))
     del nn
 
