@@ -18,6 +18,7 @@ import errno
 import hashlib
 import json
 import os
+import shutil
 import socket
 import sys
 import tempfile
@@ -26,7 +27,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator, Mapping, Optional
 
-from .errors import MoonshineError, OutputError, RunLockedError
+from .errors import ModelError, MoonshineError, OutputError, RunLockedError
 
 LOCK_FILE = ".lock"  # in a run folder while a train/eval process writes into it: {"pid", "command", ...}
 
@@ -78,6 +79,54 @@ def make_temp_dir(parent: Path, prefix: str) -> Path:
         tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
         os.chmod(tmp, 0o777 & ~_umask())
     return tmp
+
+
+def prepare_out_dir(out_dir, force: bool) -> Path:
+    """`out_dir` as a Path, refusing an existing non-empty folder (or a file) unless `force`."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not force:
+        raise ModelError(f"{out_dir} already exists and is not empty; pass --force to overwrite it")
+    return out_dir
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    elif path.exists() or path.is_symlink():
+        path.unlink(missing_ok=True)
+
+
+def swap_in(tmp: Path, dest: Path) -> None:
+    """Put the finished folder `tmp` at `dest`: the old `dest` (folder or file) is renamed to `dest.old`
+    first and removed after, so at every instant one complete version exists under one of the two names."""
+    dest = Path(dest)
+    old = dest.with_name(dest.name + ".old")
+    if dest.exists() or dest.is_symlink():
+        _remove(old)
+        os.replace(dest, old)
+    os.replace(tmp, dest)
+    _remove(old)
+
+
+@contextmanager
+def atomic_dir(out_dir, staging_parent=None, prefix: Optional[str] = None) -> Iterator[Path]:
+    """Yield an empty staging folder; when the block succeeds it replaces `out_dir` (see `swap_in`).
+
+    The staging folder sits beside `out_dir` (or in `staging_parent`), so the final move is a rename on
+    one file system. On any failure it is removed and `out_dir` is left as it was; an `OutputError` raised
+    inside names `out_dir`, the folder the user asked for, not the staging one.
+    """
+    out_dir = Path(out_dir)
+    tmp = make_temp_dir(Path(staging_parent) if staging_parent is not None else out_dir.parent,
+                        prefix or f".{out_dir.name}.")
+    try:
+        yield tmp
+        with writing(out_dir):
+            swap_in(tmp, out_dir)
+    except OutputError as e:
+        raise staged_error(e, tmp, out_dir) from e
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # nothing left to remove after a successful swap
 
 
 @contextmanager

@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import shutil
 import tempfile
 import time
@@ -25,8 +24,8 @@ from typing import Optional
 import mlx.core as mx
 from mlx.utils import tree_flatten, tree_map
 
-from .errors import ModelError, MoonshineError, OutputError
-from .io import make_temp_dir, sha256_file, staged_error, writing
+from .errors import ModelError, MoonshineError
+from .io import atomic_dir, sha256_file, writing
 from .tokenizer import Tokenizer
 
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
@@ -250,8 +249,7 @@ def load(path_or_repo: str | Path, adapter: Optional[str | Path] = None, dtype: 
 def save(model, processor: Processor, out_dir: str | Path, record: Optional[dict] = None):
     """Write a model folder (weights, config, processor files, optional conversion record) atomically."""
     out_dir = Path(out_dir)
-    tmp = make_temp_dir(out_dir.parent, f".{out_dir.name}.")
-    try:
+    with atomic_dir(out_dir) as tmp:
         weights = dict(tree_flatten(model.parameters()))
         with writing(out_dir / "model.safetensors"):
             mx.save_safetensors(str(tmp / "model.safetensors"), weights, metadata={"format": "mlx"})
@@ -272,20 +270,6 @@ def save(model, processor: Processor, out_dir: str | Path, record: Optional[dict
             (tmp / "generation_config.json").write_text(json.dumps(processor.generation, indent=2) + "\n")
         if record is not None:
             (tmp / "conversion.json").write_text(json.dumps(record, indent=2) + "\n")
-        if out_dir.exists():
-            backup = out_dir.with_name(out_dir.name + ".old")
-            shutil.rmtree(backup, ignore_errors=True)
-            os.replace(out_dir, backup)
-            os.replace(tmp, out_dir)
-            shutil.rmtree(backup, ignore_errors=True)
-        else:
-            os.replace(tmp, out_dir)
-    except OutputError as e:  # name the folder asked for, not the staging one
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise staged_error(e, tmp, out_dir) from e
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 

@@ -17,8 +17,6 @@ either `checkpoint/` or `checkpoint.old/` complete, and `find_checkpoint` takes 
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -28,13 +26,12 @@ from typing import Optional
 import mlx.core as mx
 from mlx.utils import tree_flatten, tree_unflatten
 
-from .adapters.apply import save_adapters
-from .errors import MoonshineError, OutputError
-from .io import (atomic_path, atomic_save_safetensors, atomic_write_bytes, atomic_write_json, atomic_write_text,
-                 make_temp_dir, sha256_file, staged_error, writing)
+from .adapters.apply import BEST, save_adapters
+from .errors import MoonshineError
+from .io import (atomic_dir, atomic_path, atomic_save_safetensors, atomic_write_bytes, atomic_write_json,
+                 atomic_write_text, sha256_file, writing)
 
 CHECKPOINT = "checkpoint"
-BEST = "best"
 STATE_FILE = "state.json"
 METRICS = "metrics.jsonl"
 
@@ -76,21 +73,11 @@ def find_checkpoint(run: Path) -> Optional[Path]:
     return None
 
 
-def _swap_in(tmp: Path, dest: Path) -> None:
-    old = dest.with_name(dest.name + ".old")
-    if dest.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(dest, old)
-    os.replace(tmp, dest)
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def save_checkpoint(run: Path, model, config, optimizer, progress: TrainProgress, args) -> Path:
     """Write RUN/adapters.* and RUN/checkpoint/ (adapters, optimizer state, RNG key, state.json)."""
     run = Path(run)
     save_adapters(run, model, config)
-    tmp = make_temp_dir(run, f".{CHECKPOINT}-")
-    try:
+    with atomic_dir(run / CHECKPOINT, prefix=f".{CHECKPOINT}-") as tmp:
         save_adapters(tmp, model, config)
         opt = dict(tree_flatten(optimizer.state))
         mx.eval(opt)
@@ -104,13 +91,6 @@ def save_checkpoint(run: Path, model, config, optimizer, progress: TrainProgress
             data_order="pure function of (seed, epoch); resume at (epoch, batch_index)",
             saved=time.strftime("%Y-%m-%dT%H:%M:%S"))
         atomic_write_json(tmp / STATE_FILE, state)  # last: its presence marks a complete checkpoint
-        _swap_in(tmp, run / CHECKPOINT)
-    except OutputError as e:  # name the folder the user knows, not the staging one
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise staged_error(e, tmp, run / CHECKPOINT) from e
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return run / CHECKPOINT
 
 
@@ -135,16 +115,8 @@ def restore(checkpoint: Path, optimizer, model, args, warnings: list) -> TrainPr
 
 
 def save_best(run: Path, model, config) -> None:
-    tmp = make_temp_dir(run, f".{BEST}-")
-    try:
+    with atomic_dir(Path(run) / BEST, prefix=f".{BEST}-") as tmp:
         save_adapters(tmp, model, config)
-        _swap_in(tmp, Path(run) / BEST)
-    except OutputError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise staged_error(e, tmp, Path(run) / BEST) from e
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 class RunWriter:

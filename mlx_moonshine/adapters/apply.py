@@ -42,6 +42,7 @@ from .lora import LoRALinear, check_init, dense_weight
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapters.safetensors"
+BEST = "best"  # a training run's best adapter (lowest val WER), in RUN/best/
 KINDS = {"lora": LoRALinear, "dora": DoRALinear}
 SCOPES = ("encoder", "decoder_self", "decoder_cross")
 TRAINABLE_KEYS = ("lora_A", "lora_B", "magnitude")

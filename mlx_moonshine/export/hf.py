@@ -23,9 +23,9 @@ from typing import Optional, Union
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
-from ..errors import ModelError, OutputError
-from ..io import atomic_save_safetensors, atomic_write_json, staged_error
-from .peft import prepare_out_dir, resolve_adapter, staging_dir, swap_dir
+from ..errors import ModelError
+from ..io import atomic_dir, atomic_save_safetensors, atomic_write_json, prepare_out_dir
+from .peft import resolve_adapter
 
 PathLike = Union[str, Path]
 _DTYPE_NAMES = {mx.float32: "float32", mx.float16: "float16", mx.bfloat16: "bfloat16"}
@@ -107,8 +107,7 @@ def write_hf(model, processor, out_dir: Path) -> Path:
     config = model.args.to_dict()
     config["dtype"] = _DTYPE_NAMES.get(weights["model.decoder.embed_tokens.weight"].dtype, "float32")
     src = Path(processor.path)
-    tmp = staging_dir(out_dir)
-    try:
+    with atomic_dir(out_dir) as tmp:
         atomic_save_safetensors(tmp / "model.safetensors", weights, metadata={"format": "pt"})
         atomic_write_json(tmp / "config.json", config)
         for name in ("tokenizer.json", "special_tokens_map.json"):
@@ -128,13 +127,6 @@ def write_hf(model, processor, out_dir: Path) -> Path:
         generation.setdefault("decoder_start_token_id", processor.start_id)
         generation.setdefault("eos_token_id", processor.eos_id)
         atomic_write_json(tmp / "generation_config.json", generation)
-        swap_dir(tmp, out_dir)
-    except OutputError as e:  # name the folder asked for, not the staging one
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise staged_error(e, tmp, out_dir) from e
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 

@@ -31,16 +31,16 @@ from typing import Optional, Union
 import mlx.core as mx
 import mlx.nn as nn
 
-from ..adapters.apply import _PATH, CONFIG_FILE, WEIGHTS_FILE, AdapterConfig, check_not_peft
+from ..adapters.apply import _PATH, BEST, CONFIG_FILE, WEIGHTS_FILE, AdapterConfig, check_not_peft
 from ..adapters.dora import DoRALinear
-from ..errors import ModelError, OutputError
-from ..io import atomic_save_safetensors, atomic_write_json, make_temp_dir, staged_error
+from ..errors import ModelError
+from ..io import atomic_dir, atomic_save_safetensors, atomic_write_json, prepare_out_dir
 from ..adapters.lora import LoRALinear
 
 PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
 PREFIX = "base_model.model."
-BEST_DIR, BEST_WEIGHTS = "best", "adapters_best.safetensors"
+BEST_WEIGHTS = "adapters_best.safetensors"  # older runs kept their best adapter beside the final one
 # init_lora_weights values whose adapters sit on a *modified* base: the file alone cannot be applied to
 # the original weights (PEFT converts them only at save time with path_initial_model_for_weight_conversion).
 _BASE_MUTATING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
@@ -60,12 +60,12 @@ def resolve_adapter(source: PathLike, best: bool = False) -> tuple[Path, Path]:
     if not src.is_dir():
         raise ModelError(f"{src}: no such adapter or run folder")
     if best:
-        if (src / BEST_DIR / CONFIG_FILE).is_file():
-            src = src / BEST_DIR
+        if (src / BEST / CONFIG_FILE).is_file():
+            src = src / BEST
         elif (src / BEST_WEIGHTS).is_file():
             return src / CONFIG_FILE, src / BEST_WEIGHTS
         else:
-            raise ModelError(f"{src}: --best asked for, but the run has no {BEST_DIR}/ or {BEST_WEIGHTS}; "
+            raise ModelError(f"{src}: --best asked for, but the run has no {BEST}/ or {BEST_WEIGHTS}; "
                              "drop --best to export the final adapter")
     missing = [n for n in (CONFIG_FILE, WEIGHTS_FILE) if not (src / n).is_file()]
     if missing:
@@ -171,28 +171,6 @@ def peft_tensors(config: AdapterConfig, weights: dict) -> tuple[dict[str, mx.arr
     return out, r, alpha
 
 
-def prepare_out_dir(out_dir: PathLike, force: bool) -> Path:
-    """`out_dir` as a Path, refusing a non-empty existing folder unless `force`."""
-    out_dir = Path(out_dir)
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not force:
-        raise ModelError(f"{out_dir} already exists and is not empty; pass --force to overwrite it")
-    return out_dir
-
-
-def swap_dir(tmp: Path, out_dir: Path) -> None:
-    """Move the finished staging folder `tmp` onto `out_dir` (replacing it)."""
-    if out_dir.exists():
-        if out_dir.is_dir():
-            shutil.rmtree(out_dir)
-        else:
-            out_dir.unlink()
-    tmp.rename(out_dir)
-
-
-def staging_dir(out_dir: Path) -> Path:
-    return make_temp_dir(out_dir.parent, f".{out_dir.name}.")
-
-
 def export_peft(adapter_dir_or_run: PathLike, out_dir: PathLike, base_model_name_or_path: Optional[str] = None,
                 *, best: bool = False, force: bool = False, model_dir: Optional[PathLike] = None) -> Path:
     """Write one of our adapters as a PEFT LoRA/DoRA adapter folder.
@@ -218,17 +196,9 @@ def export_peft(adapter_dir_or_run: PathLike, out_dir: PathLike, base_model_name
     out_dir = prepare_out_dir(out_dir, force)
     tensors, r, alpha = peft_tensors(config, weights)
     mx.eval(tensors)
-    tmp = staging_dir(out_dir)
-    try:
+    with atomic_dir(out_dir) as tmp:
         atomic_save_safetensors(tmp / PEFT_WEIGHTS, tensors, metadata={"format": "pt"})
         atomic_write_json(tmp / PEFT_CONFIG, peft_config_dict(config, r, alpha, base_model_name_or_path))
-        swap_dir(tmp, out_dir)
-    except OutputError as e:  # name the folder asked for, not the staging one
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise staged_error(e, tmp, out_dir) from e
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 
@@ -374,18 +344,10 @@ def import_peft(peft_dir: PathLike, out_dir: PathLike, *, force: bool = False,
                            modules=modules)
     out_dir = prepare_out_dir(out_dir, force)
     mx.eval(weights)
-    tmp = staging_dir(out_dir)
-    try:
+    with atomic_dir(out_dir) as tmp:
         atomic_save_safetensors(tmp / WEIGHTS_FILE, weights, metadata={"format": "mlx"})
         config.to_json(tmp / CONFIG_FILE)
         if model_dir is not None:
             check_against_model(model_dir, tmp / CONFIG_FILE, tmp / WEIGHTS_FILE, name=peft_dir)
-        swap_dir(tmp, out_dir)
-    except OutputError as e:  # name the folder asked for, not the staging one
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise staged_error(e, tmp, out_dir) from e
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 

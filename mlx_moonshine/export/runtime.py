@@ -21,7 +21,6 @@ PyPI shortcut (no reference graph), a config or weight set that differs from the
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -30,7 +29,7 @@ from typing import Callable, Optional, Union
 import numpy as np
 
 from ..errors import ModelError
-from ..io import atomic_write_json, sha256_file
+from ..io import atomic_dir, atomic_write_bytes, atomic_write_json, prepare_out_dir, sha256_file
 
 PathLike = Union[str, Path]
 Log = Optional[Callable[[str], None]]
@@ -198,9 +197,7 @@ def patch_graph(src: Path, dst: Path, weights: dict[str, np.ndarray], prefix: st
                 buf[offset:offset + length] = data
             rewritten.append(name)
             max_err = max(max_err, err)
-    tmp = dst.with_name(dst.name + ".tmp")
-    tmp.write_bytes(bytes(buf))
-    os.replace(tmp, dst)
+    atomic_write_bytes(dst, bytes(buf))
     return {"tensors": len(slots), "rewritten": sorted(set(rewritten)), "max_abs_error": max_err}
 
 
@@ -300,7 +297,6 @@ def export_runtime(model_dir: PathLike, out_dir: PathLike, adapter: Optional[Pat
     """
     from ..loading import resolve_model_dir
     from .hf import hf_state_dict, load_fused
-    from .peft import prepare_out_dir, staging_dir, swap_dir
 
     out_dir = prepare_out_dir(out_dir, force)
     model_dir = resolve_model_dir(model_dir)
@@ -315,8 +311,7 @@ def export_runtime(model_dir: PathLike, out_dir: PathLike, adapter: Optional[Pat
     record = {"source": spec, "architecture": SHORTCUTS[spec].architecture, "reference": {},
               "adapter": None if adapter is None else str(adapter),
               "model": str(model_dir), "graphs": {}}
-    tmp = staging_dir(out_dir)
-    try:
+    with atomic_dir(out_dir) as tmp:
         encoder_names = {k for k in weights if k.startswith("model.encoder.")}
         for name, prefix, subset in ((ENCODER, "model.encoder.", encoder_names),
                                      (DECODER, "", set(weights) - encoder_names)):
@@ -327,10 +322,6 @@ def export_runtime(model_dir: PathLike, out_dir: PathLike, adapter: Optional[Pat
             record["graphs"][name] = {**stats, "sha256": sha256_file(tmp / name)}
         shutil.copy2(ref_dir / TOKENIZER, tmp / TOKENIZER)
         atomic_write_json(tmp / EXPORT_RECORD, record)
-        swap_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     n = sum(len(g["rewritten"]) for g in record["graphs"].values())
     _note(log, f"wrote {out_dir}: {n} tensors requantised, the rest as shipped in {spec}")
     return record

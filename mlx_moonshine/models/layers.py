@@ -1,15 +1,17 @@
 """Layers both Moonshine architectures share: activations, rotary embedding, attention, the MLPs and the
-whole text decoder (`Decoder`), which Moonshine Streaming reuses as is.
+whole text decoder (`Decoder`), which Moonshine Streaming reuses as is, and `EncoderDecoder`, the model
+contract both top-level models keep (cache, head, Hugging Face weights).
 
 Parameter names are the Hugging Face ones (`self_attn.q_proj`, `encoder_attn`, `fc1`), see moonshine.py.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx.utils import tree_flatten
 
 from . import fastmath
 from .cache import DecoderCache
@@ -230,3 +232,41 @@ class Decoder(nn.Module):
             self_cache = cache.self_attn[i] if cache is not None else None
             x = layer(x, self.rope, offset, self_cache, cross_kv[i], cross_mask)
         return self.norm(x)
+
+
+class EncoderDecoder(nn.Module):
+    """What every Moonshine model shares around its encoder and decoder: the decoding cache, the output
+    head and reading a Hugging Face state dict.
+
+    Subclasses set `args` (with `tie_word_embeddings`), `model` (holding `.encoder` and `.decoder`), an
+    untied `proj_out` when the checkpoint has one, and `CONV_PREFIX`, where their conv kernels live.
+    """
+
+    CONV_PREFIX = "model.encoder.conv"
+
+    def new_cache(self, memory: mx.array, memory_valid: Optional[mx.array] = None) -> DecoderCache:
+        """A decoding cache for this utterance: per-layer self-attention K/V buffers (fixed capacity, grown
+        in blocks when full) plus the cross-attention K/V and key mask, computed here, once."""
+        mask = None if memory_valid is None else attention_mask(memory_valid, memory.dtype)
+        return DecoderCache(len(self.model.decoder.layers), self.model.decoder.cross_kv(memory), mask)
+
+    def logits(self, hidden: mx.array) -> mx.array:
+        if self.args.tie_word_embeddings:
+            return tied_logits(self, self.model.decoder.embed_tokens, hidden)
+        return linear(self.proj_out, hidden)
+
+    def sanitize(self, weights: dict[str, Any]) -> dict[str, Any]:
+        """Hugging Face state dict -> MLX: drop buffers (and a tied head), transpose conv kernels from torch
+        (out, in, kernel) to MLX (out, kernel, in); MLX-layout kernels pass unchanged."""
+        expected = dict(tree_flatten(self.parameters()))
+        out = {}
+        for key, value in weights.items():
+            if "rotary_emb" in key or key.endswith("inv_freq"):
+                continue
+            if key == "proj_out.weight" and self.args.tie_word_embeddings:
+                continue
+            if key.startswith(self.CONV_PREFIX) and key.endswith(".weight") and value.ndim == 3:
+                if key in expected and tuple(value.shape) != tuple(expected[key].shape):
+                    value = value.transpose(0, 2, 1)
+            out[key] = value
+        return out

@@ -25,16 +25,14 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Optional
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.utils import tree_flatten
 
 from . import fastmath
 from .cache import DecoderCache
-from .fastmath import linear
-from .layers import Attention, Decoder, EncoderMLP, RotaryEmbedding, attention_mask, gelu, tied_logits
+from .layers import Attention, Decoder, EncoderDecoder, EncoderMLP, RotaryEmbedding, attention_mask, gelu
 
 # Encoder conv stem: (kernel, stride) of conv1..conv3; 64 * 3 * 2 = 384 samples per frame (24 ms at 16 kHz).
 CONV_STEM = ((127, 64), (7, 3), (3, 2))
@@ -205,7 +203,7 @@ class MoonshineModel(nn.Module):
         self.decoder = Decoder(args)
 
 
-class Model(nn.Module):
+class Model(EncoderDecoder):
     """`MoonshineForConditionalGeneration` in MLX."""
 
     def __init__(self, args: ModelArgs):
@@ -220,11 +218,6 @@ class Model(nn.Module):
     def encode(self, input_values: mx.array, lengths: Optional[mx.array] = None):
         """Audio (B, N) float (+ valid sample counts (B,)) -> (memory (B, T, D), valid (B, T) or None)."""
         return self.model.encoder(input_values, lengths)
-
-    def new_cache(self, memory: mx.array, memory_valid: Optional[mx.array] = None) -> DecoderCache:
-        """A decoding cache holding this utterance's cross-attention K/V (computed here, once)."""
-        mask = None if memory_valid is None else attention_mask(memory_valid, memory.dtype)
-        return DecoderCache(len(self.model.decoder.layers), self.model.decoder.cross_kv(memory), mask)
 
     def decode(self, tokens: mx.array, memory: Optional[mx.array] = None,
                memory_valid: Optional[mx.array] = None, cache: Optional[DecoderCache] = None):
@@ -243,11 +236,6 @@ class Model(nn.Module):
             cache.advance(tokens.shape[1])
         return self.logits(h), cache
 
-    def logits(self, hidden: mx.array) -> mx.array:
-        if not self.args.tie_word_embeddings:
-            return linear(self.proj_out, hidden)
-        return tied_logits(self, self.model.decoder.embed_tokens, hidden)
-
     def __call__(self, input_values: mx.array, decoder_input_ids: mx.array,
                  attention_mask: Optional[mx.array] = None) -> mx.array:
         """Like transformers' forward: audio (B, N), tokens (B, L), sample mask (B, N) -> logits (B, L, V)."""
@@ -255,20 +243,4 @@ class Model(nn.Module):
         memory, valid = self.encode(input_values, lengths)
         return self.decode(decoder_input_ids, memory, valid)[0]
 
-    # -- weights ----------------------------------------------------------------------------------
-    def sanitize(self, weights: dict[str, Any]) -> dict[str, Any]:
-        """Hugging Face state dict -> MLX: drop buffers and the tied head, transpose conv kernels."""
-        out = {}
-        for key, value in weights.items():
-            if "rotary_emb" in key or key.endswith("inv_freq"):
-                continue
-            if key == "proj_out.weight" and self.args.tie_word_embeddings:
-                continue
-            if key.startswith("model.encoder.conv") and key.endswith(".weight") and value.ndim == 3:
-                # torch Conv1d (out, in, kernel) -> MLX (out, kernel, in); already-MLX layouts stay.
-                expected = dict(tree_flatten(self.parameters()))[key].shape
-                if tuple(value.shape) != tuple(expected):
-                    value = value.transpose(0, 2, 1)
-            out[key] = value
-        return out
 

@@ -53,16 +53,14 @@ import inspect
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.utils import tree_flatten
 
 from .cache import DecoderCache
 from ..errors import ModelError
-from .fastmath import linear
-from .layers import Decoder, EncoderMLP, attention_mask as additive_key_mask, tied_logits
+from .layers import Decoder, EncoderDecoder, EncoderMLP, attention_mask as additive_key_mask
 from .moonshine import ModelArgs
 
 CONV_KERNEL, CONV_STRIDE = 5, 2  # both causal convs of the embedder
@@ -386,8 +384,10 @@ class StreamingInner(nn.Module):
         self.decoder = StreamingDecoder(args)
 
 
-class StreamingModel(nn.Module):
+class StreamingModel(EncoderDecoder):
     """`MoonshineStreamingForConditionalGeneration` in MLX."""
+
+    CONV_PREFIX = "model.encoder.embedder.conv"
 
     def __init__(self, args: StreamingArgs):
         super().__init__()
@@ -415,13 +415,6 @@ class StreamingModel(nn.Module):
             lengths = attention_mask.astype(mx.int32).sum(axis=-1)
         return self.model.encoder(input_values, lengths)
 
-    def new_cache(self, memory: mx.array, memory_mask: Optional[mx.array] = None) -> DecoderCache:
-        """A decoding cache (`cache.DecoderCache`) for this utterance: per-layer self-attention K/V
-        buffers (fixed capacity, grown in blocks when full), plus the cross-attention K/V and key mask
-        computed here, once, from the adapted memory."""
-        mask = None if memory_mask is None else additive_key_mask(memory_mask, memory.dtype)
-        return DecoderCache(len(self.model.decoder.layers), self.model.decoder.cross_kv(memory), mask)
-
     def decode(self, tokens: mx.array, memory: Optional[mx.array] = None,
                memory_mask: Optional[mx.array] = None, cache: Optional[DecoderCache] = None):
         """Tokens -> logits, incrementally.
@@ -442,11 +435,6 @@ class StreamingModel(nn.Module):
         cache.advance(tokens.shape[1])
         return self.logits(h), cache
 
-    def logits(self, hidden: mx.array) -> mx.array:
-        if self.args.tie_word_embeddings:
-            return tied_logits(self, self.model.decoder.embed_tokens, hidden)
-        return linear(self.proj_out, hidden)
-
     def __call__(self, input_values: mx.array, decoder_input_ids: mx.array,
                  attention_mask: Optional[mx.array] = None) -> mx.array:
         """Like transformers' forward: audio (B, N), tokens (B, L), sample mask (B, N) -> logits (B, L, V).
@@ -457,23 +445,6 @@ class StreamingModel(nn.Module):
         decoder = self.model.decoder
         cross_mask = None if valid is None else additive_key_mask(valid, memory.dtype)
         return self.logits(decoder(decoder_input_ids, decoder.cross_kv(memory), cross_mask, None))
-
-    # -- weights ----------------------------------------------------------------------------------
-    def sanitize(self, weights: dict[str, Any]) -> dict[str, Any]:
-        """Hugging Face state dict -> MLX: drop buffers (and a tied head), transpose conv kernels
-        from torch (out, in, kernel) to MLX (out, kernel, in); MLX-layout kernels pass unchanged."""
-        expected = dict(tree_flatten(self.parameters()))
-        out = {}
-        for key, value in weights.items():
-            if "rotary_emb" in key or key.endswith("inv_freq"):
-                continue
-            if key == "proj_out.weight" and self.args.tie_word_embeddings:
-                continue
-            if key.startswith("model.encoder.embedder.conv") and key.endswith(".weight") and value.ndim == 3:
-                if key in expected and tuple(value.shape) != tuple(expected[key].shape):
-                    value = value.transpose(0, 2, 1)
-            out[key] = value
-        return out
 
     @classmethod
     def from_hf_dir(cls, path, dtype=mx.float32) -> "StreamingModel":
