@@ -64,9 +64,9 @@ def run_mlx(args, config: dict) -> dict:
     from mlx_moonshine.models import fastmath
     from mlx_moonshine.adapters.apply import AdapterConfig, apply_adapters
     from mlx_moonshine.loading import load
-    from mlx_moonshine.train_batches import EncoderCache, make_batch
-    from mlx_moonshine.train_step import Stepper, default_loss, step_compiled
-    from mlx_moonshine.trainer import TrainArgs
+    from mlx_moonshine.train.batches import EncoderCache, make_batch
+    from mlx_moonshine.train.step import Stepper, default_loss, step_compiled
+    from mlx_moonshine.train.trainer import TrainArgs
 
     model, processor = load(args.model)
     kw = {"scope": config["scope"]} if config["scope"] else {}
@@ -137,7 +137,7 @@ def write_race_npz(train, path: Path) -> float:
 
 def val_wer(model, processor, val) -> dict:
     from mlx_moonshine.decoding import DecodingOptions
-    from mlx_moonshine.trainer import eval_wer
+    from mlx_moonshine.train.trainer import eval_wer
 
     model.eval()
     t = time.perf_counter()
@@ -156,9 +156,9 @@ def run_race_mlx(args) -> dict:
     from mlx_moonshine.models import fastmath
     from mlx_moonshine.adapters.apply import AdapterConfig, apply_adapters
     from mlx_moonshine.loading import load
-    from mlx_moonshine.train_batches import make_batch
-    from mlx_moonshine.train_step import Stepper, default_loss, step_compiled
-    from mlx_moonshine.trainer import TrainArgs
+    from mlx_moonshine.train.batches import make_batch
+    from mlx_moonshine.train.step import Stepper, default_loss, step_compiled
+    from mlx_moonshine.train.trainer import TrainArgs
 
     train, val = race_rows(args)
     model, processor = load(args.model)

@@ -30,8 +30,8 @@ def main():
     from mlx_moonshine.data import load_manifest
     from mlx_moonshine.decoding import DecodingOptions
     from mlx_moonshine.loading import load
-    from mlx_moonshine.train_eval import validation_pass
-    from mlx_moonshine.trainer import TrainArgs, default_loss, eval_loss, eval_wer
+    from mlx_moonshine.train.validation import validation_pass
+    from mlx_moonshine.train.trainer import TrainArgs, default_loss, eval_loss, eval_wer
 
     model, processor = load(args.model)
     apply_adapters(model, AdapterConfig(kind="lora", r=8, alpha=16.0, dropout=0.0, targets=["q_proj", "v_proj"]))

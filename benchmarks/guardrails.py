@@ -5,7 +5,7 @@
 
 Every run is evaluated with the same decoder (`mlx-moonshine eval`'s defaults) into OUT/<run name>, the base
 once into OUT/baseline (resumable: re-running reuses finished evals), the real-speech canary beside the given
-manifests, and each run is judged with the one verdict rule (`mlx_moonshine.verdict`, as `compare` does).
+manifests, and each run is judged with the one verdict rule (`mlx_moonshine.eval.verdict`, as `compare` does).
 Writes OUT/guardrails.md (the table and each verdict) and OUT/guardrails.json.
 """
 
@@ -38,11 +38,11 @@ def main(argv=None) -> int:
     ap.add_argument("-o", "--out", required=True)
     args = ap.parse_args(argv)
 
-    from mlx_moonshine.canary import resolve_canary
+    from mlx_moonshine.eval.canary import resolve_canary
     from mlx_moonshine.decoding import DecodingOptions
-    from mlx_moonshine.evaluate import evaluate, manifest_name
+    from mlx_moonshine.eval.evaluate import evaluate, manifest_name
     from mlx_moonshine.loading import load
-    from mlx_moonshine.verdict import Thresholds, assign_roles, format_drift, judge, verdict_line
+    from mlx_moonshine.eval.verdict import Thresholds, assign_roles, format_drift, judge, verdict_line
 
     out = Path(args.out)
     manifests = [Path(m) for m in args.manifest]

@@ -35,7 +35,7 @@ def run_json(script: str, args: list[str], out: Path) -> dict:
 def eval_throughput(model: str, manifest: Path, limit: int) -> dict:
     import mlx_moonshine  # noqa: F401
     from mlx_moonshine.decoding import DecodingOptions
-    from mlx_moonshine.evaluate import evaluate
+    from mlx_moonshine.eval.evaluate import evaluate
     from mlx_moonshine.loading import load
 
     model_, processor = load(model)

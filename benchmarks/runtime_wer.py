@@ -74,7 +74,7 @@ def main(argv=None) -> int:
     from mlx_moonshine.audio import prepare_audio, split_on_silence
     from mlx_moonshine.data import load_manifest
     from mlx_moonshine.decoding import DecodingOptions
-    from mlx_moonshine.evaluate import evaluate
+    from mlx_moonshine.eval.evaluate import evaluate
     from mlx_moonshine.export.ort_runtime import OrtRuntime
     from mlx_moonshine.export.runtime import export_runtime
     from mlx_moonshine.loading import load

@@ -167,9 +167,9 @@ def eval_cmd(model_path, adapter, manifests, out_dir, batch_size, skip_invalid, 
     The real-speech canary is evaluated too unless --canary none: synthetic sets certify nothing about real voices.
     """
     options = _decoding_from_kwargs(kwargs)
-    from .canary import resolve_canary
+    from .eval.canary import resolve_canary
     from .data import load_manifest
-    from .evaluate import evaluate, format_summary
+    from .eval.evaluate import evaluate, format_summary
     from .loading import load, resolve_model_dir
 
     canary_path, _ = resolve_canary(canary, log=lambda m: click.echo(m, err=True))
@@ -209,7 +209,7 @@ def verdict_options(fn):
 
 def _thresholds(kwargs: dict):
     """Pop the verdict options from kwargs into a `verdict.Thresholds` (defaults where not given)."""
-    from .verdict import Thresholds
+    from .eval.verdict import Thresholds
 
     names = dict(domain_target="domain_min_reduction", max_heldout_regression="heldout_max_rise",
                  max_canary_regression="canary_max_rise", max_format_drift="format_drift_max")
@@ -225,7 +225,7 @@ def _thresholds(kwargs: dict):
 @click.option("--canary", default=None, help="Real-speech canary manifest name (default: names containing 'canary').")
 def compare_cmd(run_a, run_b, heldout, canary, **kwargs):
     """Compare eval run RUN_B against RUN_A; exit 0 if the verdict is PASS, 1 if FAIL or NOT MEASURED."""
-    from .compare import compare_runs
+    from .eval.compare import compare_runs
 
     report, ok = _run(compare_runs, run_a, run_b, heldout=heldout, canary=canary, thresholds=_thresholds(kwargs))
     click.echo(report)
@@ -295,7 +295,7 @@ def compare_cmd(run_a, run_b, heldout, canary, **kwargs):
 def train_cmd(config_file, resume, fuse, skip_invalid, **kwargs):
     """Train a LoRA/DoRA adapter; write adapters, checkpoints, metrics, plots and report.md into OUT."""
     decoding = _decoding_from_kwargs(kwargs)
-    from .train_report import run_training
+    from .train.report import run_training
 
     kwargs = {k: (str(v) if isinstance(v, Path) else v) for k, v in kwargs.items()}
     result = _run(run_training, kwargs, config_file=config_file, resume=resume, fuse=fuse, decoding=decoding,

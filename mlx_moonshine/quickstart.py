@@ -78,13 +78,13 @@ def quickstart(out_dir: str | Path = "runs/quickstart", minutes: float = 12.0, s
         data_dir: a folder laid out like examples/atc (default: the bundled example).
         model_source: anything `convert` accepts; default: the Hub's moonshine-tiny, else real tiny from PyPI (moonshine-voice).
     """
-    from .canary import resolve_canary
-    from .compare import compare_runs
+    from .eval.canary import resolve_canary
+    from .eval.compare import compare_runs
     from .decoding import DecodingOptions
-    from .evaluate import evaluate, manifest_name
+    from .eval.evaluate import evaluate, manifest_name
     from .export.peft import export_peft
     from .loading import load
-    from .train_report import run_training
+    from .train.report import run_training
 
     t0 = time.perf_counter()
     out = Path(out_dir)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from mlx_moonshine import canary
+from mlx_moonshine.eval import canary
 from mlx_moonshine.data import load_manifest
 
 

@@ -217,9 +217,9 @@ def test_step_with_a_reduce_and_an_empty_shard_equals_the_plain_step(tiny_model_
 
     from mlx_moonshine.adapters.apply import AdapterConfig, apply_adapters
     from mlx_moonshine.loading import load
-    from mlx_moonshine.train_batches import make_batch
-    from mlx_moonshine.train_step import Stepper, default_loss
-    from mlx_moonshine.trainer import TrainArgs
+    from mlx_moonshine.train.batches import make_batch
+    from mlx_moonshine.train.step import Stepper, default_loss
+    from mlx_moonshine.train.trainer import TrainArgs
 
     corpus = write_tiny_corpus(tiny_model_dir.parent / "steps", "c", 3)
     from mlx_moonshine.data import load_manifest

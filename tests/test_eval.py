@@ -14,7 +14,7 @@ import mlx_moonshine  # noqa: F401  (preloads OpenBLAS before mlx)
 from mlx_moonshine import decoding
 from mlx_moonshine.cli import main
 from mlx_moonshine.decoding import DecodingOptions
-from mlx_moonshine.evaluate import EvalError, evaluate
+from mlx_moonshine.eval.evaluate import EvalError, evaluate
 from mlx_moonshine.io import sha256_file
 from mlx_moonshine.loading import load
 
@@ -197,7 +197,7 @@ def test_cli_eval_and_compare_verdicts(tiny_model_dir, tiny_corpus, tmp_path):
     result = runner.invoke(main, ["compare", str(a), str(b), "--max-heldout-regression", "3",
                                   "--max-canary-regression", "3"])
     assert result.exit_code == 1 and "domain WER relative reduction" in result.stdout.splitlines()[-1]
-    from mlx_moonshine.compare import compare_runs
+    from mlx_moonshine.eval.compare import compare_runs
 
     # A criterion with no set to measure it: NOT MEASURED, never PASS, and the missing set is named.
     c = tmp_path / "c"
@@ -269,7 +269,7 @@ def test_in_training_wer_decodes_like_eval_even_past_20_seconds(tiny, tmp_path):
     import soundfile as sf
 
     from mlx_moonshine.data import load_manifest
-    from mlx_moonshine.trainer import eval_wer
+    from mlx_moonshine.train.trainer import eval_wer
 
     rng = np.random.default_rng(3)
     folder = tmp_path / "long"
@@ -289,8 +289,8 @@ def test_in_training_wer_decodes_like_eval_even_past_20_seconds(tiny, tmp_path):
     assert {r["id"]: r["hyp"] for r in in_training["samples"]} == {i: r["hyp_norm"] for i, r in by_id.items()}
     assert in_training["wer"] == summary["manifests"]["long"]["wer"]
 
-    from mlx_moonshine.train_eval import validation_pass
-    from mlx_moonshine.train_step import default_loss
+    from mlx_moonshine.train.validation import validation_pass
+    from mlx_moonshine.train.step import default_loss
 
     samples = load_manifest(manifest).samples
     val = validation_pass(model, processor, samples, default_loss, wer_rows=len(samples), options=DecodingOptions())

@@ -15,9 +15,9 @@ from mlx_moonshine.adapters.apply import AdapterConfig, apply_adapters
 from mlx_moonshine.data import load_manifest
 from mlx_moonshine.decoding import DecodingOptions, decode_batch
 from mlx_moonshine.loading import load
-from mlx_moonshine.train_batches import load_clips, make_batch
-from mlx_moonshine.train_step import Stepper, default_loss
-from mlx_moonshine.trainer import TrainArgs
+from mlx_moonshine.train.batches import load_clips, make_batch
+from mlx_moonshine.train.step import Stepper, default_loss
+from mlx_moonshine.train.trainer import TrainArgs
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +48,7 @@ def test_metal_configuration_matches_the_default_cpu_path(tiny_model_dir, corpus
         assert not fastmath.use_fast_cpu_ops()  # no polynomial GELU/softmax, no rope tables, no W^T copies
         metal_losses, metal_texts, metal_args = _run(tiny_model_dir, corpus, metal=True)
     assert fastmath.use_fast_cpu_ops()
-    from mlx_moonshine.train_batches import use_buckets
+    from mlx_moonshine.train.batches import use_buckets
 
     assert use_buckets(metal_args) and not use_buckets(default_args)  # bucketed shapes on the compiled path
     np.testing.assert_allclose(metal_losses, default_losses, rtol=1e-4, atol=1e-5)

@@ -130,8 +130,12 @@ def test_cached_decoding_equals_full_recomputation(tmp_path):
     full = np.array(model(mx.array(x), mx.array(ids), mx.array(mask)))
 
     memory, valid = model.encode(mx.array(x), mx.array(mask))
-    # Token by token: the first call starts the cache (cross K/V computed once).
-    steps, cache = [], None
+    # Without a cache: one uncached pass, the same as the forward.
+    uncached, none = model.decode(mx.array(ids), memory, valid)
+    np.testing.assert_allclose(np.array(uncached), full, atol=1e-5)
+    assert none is None
+    # Token by token on a cache from new_cache (cross K/V computed once).
+    steps, cache = [], model.new_cache(memory, valid)
     for t in range(ids.shape[1]):
         logits, cache = model.decode(mx.array(ids[:, t : t + 1]), memory, valid, cache)
         steps.append(np.array(logits))

@@ -295,7 +295,7 @@ def test_train_cli_then_peft_parity(hf_dir, mlx_dir, tmp_path):
 
 
 def test_encoder_cache_keeps_every_streaming_frame(mlx_dir, tmp_path):
-    from mlx_moonshine import trainer
+    from mlx_moonshine.train import trainer
     from conftest import write_tiny_corpus
     from mlx_moonshine.data import load_manifest
 

@@ -7,13 +7,13 @@ import numpy as np
 import pytest
 
 from conftest import write_tiny_corpus
-from mlx_moonshine import teacher as teach
-from mlx_moonshine import trainer as tr
+from mlx_moonshine.train import teacher as teach
+from mlx_moonshine.train import trainer as tr
 from mlx_moonshine.data import load_manifest
 from mlx_moonshine.decoding import DecodingOptions
 from mlx_moonshine.loading import load
-from mlx_moonshine.train_batches import make_batch
-from mlx_moonshine.train_step import default_loss, forward_logits
+from mlx_moonshine.train.batches import make_batch
+from mlx_moonshine.train.step import default_loss, forward_logits
 
 
 def _args(**kw):

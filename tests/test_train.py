@@ -18,7 +18,7 @@ import mlx.core as mx
 import soundfile as sf
 from mlx.utils import tree_flatten
 
-from mlx_moonshine import trainer as tr
+from mlx_moonshine.train import trainer as tr
 from mlx_moonshine.audio import prepare_audio
 from mlx_moonshine.data import load_manifest, write_manifest, Sample
 from mlx_moonshine.loading import load
@@ -255,7 +255,8 @@ def test_encoder_cache_encodes_each_utterance_once(tiny, tmp_path):
 def test_cli_precedence_cli_over_yaml_over_defaults(tiny, tmp_path, monkeypatch):
     from click.testing import CliRunner
 
-    from mlx_moonshine import cli, train_report
+    from mlx_moonshine import cli
+    from mlx_moonshine.train import report as train_report
 
     seen = {}
     monkeypatch.setattr(train_report, "run_training", lambda cli_opts, **kw: seen.update(cli=cli_opts, **kw) or
@@ -273,7 +274,7 @@ def test_cli_precedence_cli_over_yaml_over_defaults(tiny, tmp_path, monkeypatch)
 
 
 def test_replay_is_on_by_default_and_can_be_turned_off():
-    from mlx_moonshine import train_report
+    from mlx_moonshine.train import report as train_report
 
     base = {"model": "m", "train": "t", "val": "v", "out": "o"}
     args, paths = train_report.resolve_args(dict(base))
@@ -302,7 +303,7 @@ def test_bad_manifest_is_a_clear_cli_error(tiny, tmp_path):
 
 
 def test_run_training_report_and_fuse(tiny, tmp_path):
-    from mlx_moonshine.train_report import run_training
+    from mlx_moonshine.train.report import run_training
 
     cfg = tmp_path / "t.yaml"
     cfg.write_text("compile: false\npad_seconds: 2.0\nval_wer_samples: 2\nmax_seconds: null\nrank: 4\n")
@@ -374,7 +375,7 @@ def test_replay_mix_and_augment_are_pure_functions_of_position(tiny):
     rows = [s for x in a for s in x]
     share = sum(s.id.startswith("r") for s in rows) / len(rows)
     assert abs(share - 0.3) < 0.03
-    from mlx_moonshine.train_batches import augment_audio
+    from mlx_moonshine.train.batches import augment_audio
 
     x = prepare_audio(samples[0].audio_path)
     kinds = ["noise", "speed", "timemask"]
@@ -412,8 +413,8 @@ def test_grad_accum_equals_one_big_batch(tiny):
 
 def test_bucketed_batches_give_the_same_loss(tiny):
     # Padding to the length buckets (the compiled step's shapes) is masked: the loss does not move.
-    from mlx_moonshine.train_batches import AUDIO_BUCKETS, TOKEN_BUCKETS
-    from mlx_moonshine.train_step import default_loss
+    from mlx_moonshine.train.batches import AUDIO_BUCKETS, TOKEN_BUCKETS
+    from mlx_moonshine.train.step import default_loss
 
     model, processor = load(tiny / "model")
     samples = load_manifest(tiny / "train.jsonl").samples
@@ -431,7 +432,7 @@ def test_one_pass_validation_measures_what_the_separate_passes_did(tiny):
     # Val loss (token-weighted mean) and val WER of the same rows, from one encoder pass per row sorted by
     # duration at batch 8, equal the separate passes: loss at the training batch, WER decoded from audio.
     from mlx_moonshine.decoding import DecodingOptions
-    from mlx_moonshine.train_eval import validation_pass
+    from mlx_moonshine.train.validation import validation_pass
 
     model, processor = load(tiny / "model")
     samples = load_manifest(tiny / "train.jsonl").samples

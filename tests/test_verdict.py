@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from mlx_moonshine.verdict import Thresholds, assign_roles, format_drift, judge, style, verdict_line
+from mlx_moonshine.eval.verdict import Thresholds, assign_roles, format_drift, judge, style, verdict_line
 
 
 def _s(wer, words=100):

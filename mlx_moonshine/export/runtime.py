@@ -107,8 +107,8 @@ def _int8_affine_names(graph, data: str) -> tuple[str, str]:
 
 def graph_slots(graph, prefix: str, tied: bool = True) -> dict[str, list[Slot]]:
     """HF name -> the slots holding it (two for a tied embedding stored again as proj_out)."""
-    from ..ort import named_sources
-    from ..ort_graph import collect_params, quantized_weights
+    from ..convert.ort import named_sources
+    from ..convert.ort_graph import collect_params, quantized_weights
 
     quant = quantized_weights(graph)
     slots: dict[str, list[Slot]] = {}
@@ -166,7 +166,7 @@ def patch_graph(src: Path, dst: Path, weights: dict[str, np.ndarray], prefix: st
         {"tensors": parameters in the graph, "rewritten": names requantised, "max_abs_error": largest
         |requantised - merged| over them}.
     """
-    from ..ort_graph import initializer_spans, load_graph
+    from ..convert.ort_graph import initializer_spans, load_graph
 
     graph = load_graph(src)
     slots = graph_slots(graph, prefix, tied="proj_out.weight" not in weights)
@@ -203,7 +203,7 @@ def patch_graph(src: Path, dst: Path, weights: dict[str, np.ndarray], prefix: st
 
 def _reference_value(graph, slot: Slot) -> np.ndarray:
     """The slot's float value as `convert` read it (graph layout)."""
-    from ..ort_graph import QuantWeight, dequantize
+    from ..convert.ort_graph import QuantWeight, dequantize
 
     data = graph.initializers[slot.data]
     if slot.scheme == "float32":
@@ -221,7 +221,7 @@ def _reference_value(graph, slot: Slot) -> np.ndarray:
 def reference_graphs(model_dir: Path, log: Log = None) -> tuple[str, Path]:
     """(shortcut, runtime folder) of the wheel `model_dir` was converted from; refuses other models."""
     from ..loading import _read_json
-    from ..ort import ENCODER_STEM, DECODER_STEM, SHORTCUTS, resolve_shortcut
+    from ..convert.ort import ENCODER_STEM, DECODER_STEM, SHORTCUTS, resolve_shortcut
 
     config = _read_json(model_dir / "config.json")
     if config.get("model_type", "moonshine") != "moonshine":
@@ -254,8 +254,8 @@ def reference_graphs(model_dir: Path, log: Log = None) -> tuple[str, Path]:
 def check_config(model_dir: Path, ref_dir: Path) -> None:
     """Refuse a config.json that differs from what the reference graphs compute, naming every field."""
     from ..loading import _read_json
-    from ..ort import derive_config, name_params
-    from ..ort_graph import collect_params, load_graph
+    from ..convert.ort import derive_config, name_params
+    from ..convert.ort_graph import collect_params, load_graph
 
     enc, dec = load_graph(ref_dir / ENCODER), load_graph(ref_dir / DECODER)
     weights = {**name_params(enc, collect_params(enc), "model.encoder."),
@@ -306,7 +306,7 @@ def export_runtime(model_dir: PathLike, out_dir: PathLike, adapter: Optional[Pat
     model, _ = load_fused(model_dir, adapter)
     # HF names and layouts (conv kernels (out, in, k)), as `convert` read them from the graph.
     weights = {k: np.array(v, dtype=np.float32) for k, v in hf_state_dict(model).items()}
-    from ..ort import SHORTCUTS
+    from ..convert.ort import SHORTCUTS
 
     record = {"source": spec, "architecture": SHORTCUTS[spec].architecture, "reference": {},
               "adapter": None if adapter is None else str(adapter),

@@ -238,8 +238,15 @@ class EncoderDecoder(nn.Module):
     """What every Moonshine model shares around its encoder and decoder: the decoding cache, the output
     head and reading a Hugging Face state dict.
 
-    Subclasses set `args` (with `tie_word_embeddings`), `model` (holding `.encoder` and `.decoder`), an
-    untied `proj_out` when the checkpoint has one, and `CONV_PREFIX`, where their conv kernels live.
+    The contract decoding, training, export and the benchmarks call, the same for every architecture:
+        memory, valid = model.encode(input_values, lengths)        # audio (B, N), valid samples (B,)
+        cache = model.new_cache(memory, valid)                     # once per utterance
+        logits, cache = model.decode(tokens, memory, valid, cache)  # cache=None: one uncached pass
+        logits = model(input_values, decoder_input_ids, attention_mask)
+
+    Subclasses define `encode` and set `args` (with `tie_word_embeddings`), `model` (holding `.encoder`
+    and `.decoder`), an untied `proj_out` when the checkpoint has one, and `CONV_PREFIX`, where their
+    conv kernels live.
     """
 
     CONV_PREFIX = "model.encoder.conv"
@@ -249,6 +256,29 @@ class EncoderDecoder(nn.Module):
         in blocks when full) plus the cross-attention K/V and key mask, computed here, once."""
         mask = None if memory_valid is None else attention_mask(memory_valid, memory.dtype)
         return DecoderCache(len(self.model.decoder.layers), self.model.decoder.cross_kv(memory), mask)
+
+    def decode(self, tokens: mx.array, memory: Optional[mx.array] = None,
+               memory_valid: Optional[mx.array] = None, cache: Optional[DecoderCache] = None):
+        """Tokens (B, L) -> (logits (B, L, V), cache).
+
+        Without a cache: one full, uncached pass over `memory` (what training differentiates); the cache
+        returned is None. With a cache from `new_cache()`: incremental decoding, the cache grows by L tokens.
+        """
+        decoder = self.model.decoder
+        if cache is None:
+            cross_mask = None if memory_valid is None else attention_mask(memory_valid, memory.dtype)
+            return self.logits(decoder(tokens, decoder.cross_kv(memory), cross_mask, None)), None
+        cache.reserve(cache.length + tokens.shape[1])
+        h = decoder(tokens, cache.cross_kv, cache.cross_mask, cache)
+        cache.advance(tokens.shape[1])
+        return self.logits(h), cache
+
+    def __call__(self, input_values: mx.array, decoder_input_ids: mx.array,
+                 attention_mask: Optional[mx.array] = None) -> mx.array:
+        """Like transformers' forward: audio (B, N), tokens (B, L), sample mask (B, N) -> logits (B, L, V)."""
+        lengths = None if attention_mask is None else attention_mask.astype(mx.int32).sum(axis=-1)
+        memory, valid = self.encode(input_values, lengths)
+        return self.decode(decoder_input_ids, memory, valid)[0]
 
     def logits(self, hidden: mx.array) -> mx.array:
         if self.args.tie_word_embeddings:

@@ -5,10 +5,8 @@ Module paths and parameter names are the Hugging Face ones (`model.encoder.layer
 `model.decoder.layers.0.encoder_attn.v_proj`, ...) so that loading only transposes convolutions and
 PEFT adapter keys map one to one.
 
-Three seams, used by decoding, training and benchmarks alike:
-    memory, memory_mask = model.encode(input_values, lengths)     # once per utterance
-    logits, cache = model.decode(tokens, memory, memory_mask, cache)
-    logits = model(input_values, decoder_input_ids, attention_mask)  # = encode + decode
+Seams: the `layers.EncoderDecoder` contract (encode, new_cache, decode, logits, sanitize), the one that
+decoding, training, export and the benchmarks call, the same for Moonshine Streaming.
 
 Where MLX and transformers differ (only on *padded* batches; unpadded inputs match):
   * transformers' single-group GroupNorm after conv1 takes its statistics over the zero padding too,
@@ -31,7 +29,6 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from . import fastmath
-from .cache import DecoderCache
 from .layers import Attention, Decoder, EncoderDecoder, EncoderMLP, RotaryEmbedding, attention_mask, gelu
 
 # Encoder conv stem: (kernel, stride) of conv1..conv3; 64 * 3 * 2 = 384 samples per frame (24 ms at 16 kHz).
@@ -218,29 +215,3 @@ class Model(EncoderDecoder):
     def encode(self, input_values: mx.array, lengths: Optional[mx.array] = None):
         """Audio (B, N) float (+ valid sample counts (B,)) -> (memory (B, T, D), valid (B, T) or None)."""
         return self.model.encoder(input_values, lengths)
-
-    def decode(self, tokens: mx.array, memory: Optional[mx.array] = None,
-               memory_valid: Optional[mx.array] = None, cache: Optional[DecoderCache] = None):
-        """Tokens (B, L) -> (logits (B, L, V), cache).
-
-        Pass `memory` (and `memory_valid`) without a cache for a full, uncached pass, or a cache from
-        `new_cache()` (which then grows by L tokens) for incremental decoding.
-        """
-        if cache is None:
-            cross_kv = self.model.decoder.cross_kv(memory)
-            cross_mask = None if memory_valid is None else attention_mask(memory_valid, memory.dtype)
-            h = self.model.decoder(tokens, cross_kv, cross_mask, None)
-        else:
-            cache.reserve(cache.length + tokens.shape[1])
-            h = self.model.decoder(tokens, cache.cross_kv, cache.cross_mask, cache)
-            cache.advance(tokens.shape[1])
-        return self.logits(h), cache
-
-    def __call__(self, input_values: mx.array, decoder_input_ids: mx.array,
-                 attention_mask: Optional[mx.array] = None) -> mx.array:
-        """Like transformers' forward: audio (B, N), tokens (B, L), sample mask (B, N) -> logits (B, L, V)."""
-        lengths = None if attention_mask is None else attention_mask.astype(mx.int32).sum(axis=-1)
-        memory, valid = self.encode(input_values, lengths)
-        return self.decode(decoder_input_ids, memory, valid)[0]
-
-

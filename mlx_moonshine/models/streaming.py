@@ -14,10 +14,7 @@ Architecture (parameter names are the Hugging Face ones, so loading only transpo
                               (D_enc -> D_dec, only when the widths differ)
     proj_out                  LM head (untied by default; tied to embed_tokens when tie_word_embeddings)
 
-Seams (same as `model.Model`, so the shared decoding loop drives either):
-    memory, memory_mask = model.encode(input_values, attention_mask)   # once per utterance
-    logits, cache = model.decode(tokens, memory, memory_mask, cache)   # cache=None: starts one
-    logits = model(input_values, decoder_input_ids, attention_mask)    # = encode + decode
+Seams: the `layers.EncoderDecoder` contract, the same as Moonshine's, so one decoding loop drives either.
 
 `memory` is the encoder output (before the decoder's adapter, like transformers'
 `encoder_last_hidden_state`); the adapter runs inside `new_cache`/`decode`, once per utterance.
@@ -58,9 +55,8 @@ from typing import Optional
 import mlx.core as mx
 import mlx.nn as nn
 
-from .cache import DecoderCache
 from ..errors import ModelError
-from .layers import Decoder, EncoderDecoder, EncoderMLP, attention_mask as additive_key_mask
+from .layers import Decoder, EncoderDecoder, EncoderMLP
 from .moonshine import ModelArgs
 
 CONV_KERNEL, CONV_STRIDE = 5, 2  # both causal convs of the embedder
@@ -398,53 +394,21 @@ class StreamingModel(EncoderDecoder):
             self.proj_out = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
 
     # -- seams ------------------------------------------------------------------------------------
-    def encode(self, input_values: mx.array, attention_mask: Optional[mx.array] = None):
+    def encode(self, input_values: mx.array, lengths: Optional[mx.array] = None):
         """Audio -> encoder memory.
 
         Args:
             input_values: (B, N) float samples at 16 kHz.
-            attention_mask: (B, N) sample mask (1 = real audio), or (B,) valid sample counts (the
-                base model's `lengths`), or None when every sample is real.
+            lengths: (B,) valid sample counts (a (B, N) sample mask is read as its row sums), or None
+                when every sample is real.
 
         Returns:
             (memory (B, T, D_enc), memory_mask (B, T) bool or None); T = floor(N / 80) halved twice
             (rounding up), one frame per 20 ms.
         """
-        lengths = attention_mask
-        if attention_mask is not None and attention_mask.ndim == 2:
-            lengths = attention_mask.astype(mx.int32).sum(axis=-1)
+        if lengths is not None and lengths.ndim == 2:
+            lengths = lengths.astype(mx.int32).sum(axis=-1)
         return self.model.encoder(input_values, lengths)
-
-    def decode(self, tokens: mx.array, memory: Optional[mx.array] = None,
-               memory_mask: Optional[mx.array] = None, cache: Optional[DecoderCache] = None):
-        """Tokens -> logits, incrementally.
-
-        Args:
-            tokens: (B, L) int32, the tokens after those already in `cache`.
-            memory, memory_mask: from `encode`; read only when `cache` is None.
-            cache: from `new_cache` or a previous call; None starts a new one (computing the
-                cross-attention K/V once for this utterance).
-
-        Returns:
-            (logits (B, L, V), cache), the cache now holding L more tokens.
-        """
-        if cache is None:
-            cache = self.new_cache(memory, memory_mask)
-        cache.reserve(cache.length + tokens.shape[1])
-        h = self.model.decoder(tokens, cache.cross_kv, cache.cross_mask, cache)
-        cache.advance(tokens.shape[1])
-        return self.logits(h), cache
-
-    def __call__(self, input_values: mx.array, decoder_input_ids: mx.array,
-                 attention_mask: Optional[mx.array] = None) -> mx.array:
-        """Like transformers' forward: audio (B, N), tokens (B, L), sample mask (B, N) -> logits (B, L, V).
-
-        A full, uncached pass (no buffers), the one training differentiates.
-        """
-        memory, valid = self.encode(input_values, attention_mask)
-        decoder = self.model.decoder
-        cross_mask = None if valid is None else additive_key_mask(valid, memory.dtype)
-        return self.logits(decoder(decoder_input_ids, decoder.cross_kv(memory), cross_mask, None))
 
     @classmethod
     def from_hf_dir(cls, path, dtype=mx.float32) -> "StreamingModel":

@@ -39,9 +39,9 @@ from typing import Callable, NamedTuple
 
 import numpy as np
 
-from .audio import SAMPLE_RATE
-from .errors import ModelError
-from .io import atomic_save_safetensors, atomic_write_bytes, atomic_write_text, sha256_file
+from ..audio import SAMPLE_RATE
+from ..errors import ModelError
+from ..io import atomic_save_safetensors, atomic_write_bytes, atomic_write_text, sha256_file
 from .ort_graph import Graph, Node, Param, check as _check, collect_params, load_graph
 
 Log = Callable[[str], None] | None

@@ -9,7 +9,7 @@ from typing import Optional, Sequence
 import mlx.core as mx
 import numpy as np
 
-from .audio import MIN_SAMPLES, SAMPLE_RATE, pad_batch, prepare_audio, resample
+from ..audio import MIN_SAMPLES, SAMPLE_RATE, pad_batch, prepare_audio, resample
 
 IGNORE = -100  # label id excluded from the loss (padding)
 AUGMENTS = ("noise", "speed", "timemask")
@@ -32,7 +32,7 @@ def bucket(n: int, buckets, step: int) -> int:
 
 def use_buckets(args) -> bool:
     """Pad batches to the length buckets: `args.buckets`, or (None) whenever the step is compiled."""
-    from .train_step import step_compiled
+    from .step import step_compiled
 
     flag = getattr(args, "buckets", None)
     return step_compiled(getattr(args, "compile", None)) if flag is None else bool(flag)

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import ModelError
+from ..errors import ModelError
 
 # ONNX TensorProto.DataType -> numpy (the same codes are used by the ORT flatbuffers).
 ONNX_DTYPES = {

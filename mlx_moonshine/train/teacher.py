@@ -31,8 +31,8 @@ from typing import Callable, Optional
 import mlx.core as mx
 import numpy as np
 
-from .distributed import world as _world
-from .train_batches import IGNORE, make_batch
+from ..distributed import world as _world
+from .batches import IGNORE, make_batch
 
 TARGETS_FILE = "replay_targets.jsonl"
 REPLAY_TARGETS = ("base", "manifest")
@@ -54,7 +54,7 @@ def base_targets(model, processor, samples, options, run_dir: Optional[Path], st
     Rows the base transcribes as empty keep an empty target (the base's "nothing here"); callers keep them,
     since that is behaviour worth preserving too.
     """
-    from .transcription import transcribe_clips
+    from ..transcription import transcribe_clips
 
     cache = Path(run_dir) / TARGETS_FILE if run_dir is not None else None
     known: dict[str, str] = {}
@@ -146,7 +146,7 @@ def teacher_table(model, processor, samples, args, k: int = 16, max_len=None) ->
 
 def _teacher_chunk(model, processor, chunk, args, max_len, k: int, table: TeacherTable) -> None:
     """Fill `table` with the base's top-k distributions on one chunk of rows (one padded batch)."""
-    from .train_step import forward_logits
+    from .step import forward_logits
 
     batch = make_batch(chunk, processor, args, max_len=max_len, buckets=False)  # eager: least padding
     logits = forward_logits(model, batch).astype(mx.float32)  # (B, L, V)
@@ -168,7 +168,7 @@ def distill_loss(base_loss: Callable, weight: float) -> Callable:
     loss = (sum of label CE + weight * sum over teacher tokens of -sum_k p_k log q_k) / label tokens,
     so with weight 0 (or no teacher rows) it is exactly `base_loss`.
     """
-    from .train_step import forward_logits, token_cross_entropy
+    from .step import forward_logits, token_cross_entropy
 
     if weight == 0:
         return base_loss

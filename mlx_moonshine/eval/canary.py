@@ -27,7 +27,7 @@ import tempfile
 from pathlib import Path
 from typing import Callable, Optional
 
-from .errors import MoonshineError
+from ..errors import MoonshineError
 
 POCKETSPHINX = ("pocketsphinx", "5.1.1")
 CANARY_NAME = "real_canary"  # the manifest's name in eval summaries, compare and report.md
@@ -46,7 +46,7 @@ def _note(log: Optional[Callable[[str], None]], msg: str) -> None:
 
 
 def _cache_root(cache_dir=None) -> Path:
-    from .ort import cache_root
+    from ..convert.ort import cache_root
 
     return cache_root(cache_dir)
 

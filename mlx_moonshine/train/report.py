@@ -14,8 +14,8 @@ import time
 from pathlib import Path
 from typing import Callable, Optional
 
-from .errors import MoonshineError
-from .io import atomic_write_text, run_lock
+from ..errors import MoonshineError
+from ..io import atomic_write_text, run_lock
 from .trainer import TrainArgs, TrainingError
 
 PATH_KEYS = ("model", "train", "val", "heldout", "eval_test", "replay", "canary", "out", "baseline_run")
@@ -28,7 +28,7 @@ GENERIC_HYPOTHESIS = ("A low-rank adapter trained on in-domain speech cuts the d
                       "and real recordings) as the base transcribes it, in the base's casing and punctuation.")
 # Mixed into training unless told otherwise: 270 clean general-English clips (espeak-ng voices none of the
 # heldout sets use, no heldout sentence), made by examples/atc/make_data.py --replay-only.
-BUILTIN_REPLAY = Path(__file__).resolve().parent / "general_replay" / "general_replay.jsonl"
+BUILTIN_REPLAY = Path(__file__).resolve().parents[1] / "general_replay" / "general_replay.jsonl"
 DEFAULT_REPLAY_RATIO = 0.5
 NO_REPLAY = ("none", "off", "no", "")
 
@@ -137,7 +137,7 @@ def _default_replay(paths: dict, merged: dict) -> None:
 
 
 def _eval(model, processor, manifests: dict, out_dir: Path, options, model_path, adapter_path, log) -> dict:
-    from .evaluate import evaluate
+    from ..eval.evaluate import evaluate
 
     paths = [p for p in manifests.values() if p]
     log(f"evaluating {', '.join(Path(p).name for p in paths)} -> {out_dir}")
@@ -152,8 +152,8 @@ def final_eval(run: Path, paths: dict, decoding, adapter_dir: Path, log=print) -
     With `paths['baseline_run']` the baseline comes from that `eval` run; sets it lacks (e.g. the canary)
     are evaluated with the base model into RUN/eval/baseline.
     """
-    from .evaluate import manifest_name
-    from .loading import load
+    from ..eval.evaluate import manifest_name
+    from ..loading import load
 
     wanted = {k: paths.get(k) for k in ("eval_test", "heldout", "canary") if paths.get(k)}
     if not wanted:
@@ -224,7 +224,7 @@ def decide(evals: dict, thresholds=None, canary_note: Optional[str] = None) -> d
     Returns:
         dict(criteria=[dict], decision=bool, not_measured=[...], sets={name: role}, lines=[str], verdict=str).
     """
-    from .verdict import Thresholds, format_drift, judge, verdict_line
+    from ..eval.verdict import Thresholds, format_drift, judge, verdict_line
 
     thresholds = thresholds or Thresholds()
     names = evals.get("names", {})
@@ -246,7 +246,7 @@ def decide(evals: dict, thresholds=None, canary_note: Optional[str] = None) -> d
 
 
 def _drifted_ids(evals: dict, name: str) -> set:
-    from .verdict import style
+    from ..eval.verdict import style
 
     base, tuned = _prediction_rows(evals.get("baseline_dirs") or [], name), _prediction_rows(evals["tuned_dir"], name)
     return {i for i in base if i in tuned and base[i].get("hyp", "").strip() and tuned[i].get("hyp", "").strip()
@@ -254,7 +254,7 @@ def _drifted_ids(evals: dict, name: str) -> set:
 
 
 def _results_section(evals: dict, verdict: dict) -> list[str]:
-    from .verdict import ROLE_LABELS
+    from ..eval.verdict import ROLE_LABELS
 
     names = evals.get("names", {})
     if not names:
@@ -371,7 +371,7 @@ def run_training(cli: dict, *, config_file=None, resume=None, fuse: bool = False
         RunLockedError: another live process is training into the same run folder.
         TrainingError: bad options or data, or the run diverged (report.md is written first).
     """
-    from .distributed import world
+    from ..distributed import world
 
     t0 = time.perf_counter()
     report_opts: dict = {}
@@ -390,15 +390,15 @@ def run_training(cli: dict, *, config_file=None, resume=None, fuse: bool = False
 
 def _run_training(args: TrainArgs, paths: dict, t0: float, report_opts: dict, *, resume, fuse: bool, decoding,
                   skip_invalid: bool, log: Callable[[str], None]) -> dict:
-    from .adapters.apply import fuse_model, load_adapters
-    from .canary import resolve_canary
-    from .distributed import world
-    from .data import load_manifest
-    from .decoding import DecodingOptions
-    from .loading import load, save
+    from ..adapters.apply import fuse_model, load_adapters
+    from ..eval.canary import resolve_canary
+    from ..distributed import world
+    from ..data import load_manifest
+    from ..decoding import DecodingOptions
+    from ..loading import load, save
     from .trainer import train
-    from .train_state import BEST
-    from .verdict import Thresholds
+    from .state import BEST
+    from ..eval.verdict import Thresholds
 
     thresholds = Thresholds(**{VERDICT_KEYS[k]: float(v) for k, v in report_opts.items() if k in VERDICT_KEYS})
     decoding = decoding or DecodingOptions()

@@ -24,13 +24,13 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
-from .adapters.apply import WEIGHTS_FILE
-from .data import Sample, copy_manifest, load_manifest
-from .decoding import DecodingOptions
-from .distributed import world as _world
-from .errors import AudioError, MoonshineError
-from .io import atomic_write_json, atomic_write_text, run_lock, sha256_file, writing
-from .metrics import TextNormalizer, corpus_scores, score
+from ..adapters.apply import WEIGHTS_FILE
+from ..data import Sample, copy_manifest, load_manifest
+from ..decoding import DecodingOptions
+from ..distributed import world as _world
+from ..errors import AudioError, MoonshineError
+from ..io import atomic_write_json, atomic_write_text, run_lock, sha256_file, writing
+from ..metrics import TextNormalizer, corpus_scores, score
 
 RUN_FILE = "run.json"
 SUMMARY_FILE = "summary.json"
@@ -60,7 +60,7 @@ def _weights_record(path: Optional[str | Path], weights_file: str) -> Optional[d
 
 
 def _version() -> str:
-    from . import __version__
+    from .. import __version__
 
     return __version__
 
@@ -132,7 +132,7 @@ def _score_row(name: str, s: Sample, hyp: str, seconds: float, truncated: bool, 
 def _decode_group(model, processor, samples: list[Sample], options: DecodingOptions, batch_size: int,
                   skip_invalid: bool, name: str) -> tuple[list[tuple[Sample, dict]], list[tuple[str, str]]]:
     """Decode samples together; with skip_invalid, clips whose audio fails are set aside one by one."""
-    from .transcription import transcribe_clips
+    from ..transcription import transcribe_clips
 
     try:
         results = transcribe_clips(model, processor, [s.audio_path for s in samples], options, batch_size)
@@ -321,7 +321,7 @@ def _copy_record(manifest_path: Path, out_dir: Path) -> dict:
 
 
 def _sample_length(s: Sample) -> float:
-    from .data import sample_duration
+    from ..data import sample_duration
 
     try:
         return sample_duration(s)

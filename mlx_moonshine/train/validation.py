@@ -15,8 +15,8 @@ from typing import Callable, Optional
 import mlx.core as mx
 import numpy as np
 
-from .audio import pad_batch
-from .train_batches import EncoderCache, load_clips, tokenize
+from ..audio import pad_batch
+from .batches import EncoderCache, load_clips, tokenize
 
 EVAL_BATCH = 8  # rows per validation batch (no gradients: memory is a few hundred MB at 8 x 12 s)
 
@@ -34,11 +34,11 @@ def validation_pass(model, processor, samples, loss: Callable, *, loss_rows: Opt
         {"loss": token-weighted mean loss (nan without loss rows), "tokens": label tokens,
          "wer": corpus scores of the WER rows as `trainer.eval_wer` gives them (absent when wer_rows is 0)}.
     """
-    from .audio import SAMPLE_RATE
-    from .decoding import DecodingOptions, decode_memory
-    from .distributed import world
-    from .metrics import corpus_scores, score
-    from .transcription import MAX_CHUNK_SECONDS, transcribe_clips
+    from ..audio import SAMPLE_RATE
+    from ..decoding import DecodingOptions, decode_memory
+    from ..distributed import world
+    from ..metrics import corpus_scores, score
+    from ..transcription import MAX_CHUNK_SECONDS, transcribe_clips
 
     options = options or DecodingOptions()
     loss_ids = {s.id for s in (samples if loss_rows is None else samples[:loss_rows])}

@@ -35,15 +35,15 @@ import mlx.core as mx
 import mlx.optimizers as optim
 from mlx.utils import tree_flatten
 
-from . import data as data_lib
-from .models import fastmath
-from .distributed import world as _world
-from .adapters.apply import AdapterConfig, adapter_layers, apply_adapters, load_adapters
-from .errors import MoonshineError
+from .. import data as data_lib
+from ..models import fastmath
+from ..distributed import world as _world
+from ..adapters.apply import AdapterConfig, adapter_layers, apply_adapters, load_adapters
+from ..errors import MoonshineError
 from .teacher import base_targets, distill_loss, manifest_targets, teacher_table
-from .train_batches import AUGMENTS, IGNORE, EncoderCache, load_clips, make_batch, tokenize, use_buckets  # noqa: F401
-from .train_eval import validation_pass
-from .train_step import Stepper, default_loss, set_grad_checkpoint, step_compiled
+from .batches import AUGMENTS, IGNORE, EncoderCache, load_clips, make_batch, tokenize, use_buckets  # noqa: F401
+from .validation import validation_pass
+from .step import Stepper, default_loss, set_grad_checkpoint, step_compiled
 
 SCHEDULES = ("cosine", "linear", "constant")
 
@@ -240,9 +240,9 @@ def eval_loss(model, processor, samples, args: TrainArgs, loss: Callable = defau
 def eval_wer(model, processor, samples, options, batch_size: int = 8) -> dict:
     """Corpus WER/CER of the transcripts `eval` would write for `samples`: the same `transcribe_clips`
     (audio pipeline, <= 20 s splitting, length-sorted batches) and the same decoding options."""
-    from .evaluate import _sample_length
-    from .metrics import corpus_scores, score
-    from .transcription import transcribe_clips
+    from ..eval.evaluate import _sample_length
+    from ..metrics import corpus_scores, score
+    from ..transcription import transcribe_clips
 
     order = sorted(samples, key=_sample_length)  # the batches `eval` decodes: length-sorted groups
 
@@ -341,8 +341,8 @@ def train(model, processor, train_set, val_set, args: TrainArgs, *, run_dir=None
         Summary dict: steps, best (step, val_loss, val_wer), final val loss/WER, skipped steps, timings,
         peak memory, paths.
     """
-    from . import train_state as ts
-    from .decoding import DecodingOptions
+    from . import state as ts
+    from ..decoding import DecodingOptions
 
     if run_dir is None:
         raise TrainingError("train() needs run_dir, the folder to write the run into")
@@ -375,7 +375,7 @@ def train(model, processor, train_set, val_set, args: TrainArgs, *, run_dir=None
     if resume and checkpoint is None:
         raise TrainingError(f"{run}: no checkpoint to resume from (expected {run / ts.CHECKPOINT}/state.json)")
     if args.dtype != "float32":
-        from .loading import cast_model
+        from ..loading import cast_model
 
         cast_model(model, args.dtype)
     if checkpoint is not None:

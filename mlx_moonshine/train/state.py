@@ -26,9 +26,9 @@ from typing import Optional
 import mlx.core as mx
 from mlx.utils import tree_flatten, tree_unflatten
 
-from .adapters.apply import BEST, save_adapters
-from .errors import MoonshineError
-from .io import (atomic_dir, atomic_path, atomic_save_safetensors, atomic_write_bytes, atomic_write_json,
+from ..adapters.apply import BEST, save_adapters
+from ..errors import MoonshineError
+from ..io import (atomic_dir, atomic_path, atomic_save_safetensors, atomic_write_bytes, atomic_write_json,
                  atomic_write_text, sha256_file, writing)
 
 CHECKPOINT = "checkpoint"
@@ -193,7 +193,7 @@ def _save_fig(fig, path: Path) -> None:
 def _manifest_record(m, run: Path) -> Optional[dict]:
     if m is None:
         return None
-    from .data import copy_manifest
+    from ..data import copy_manifest
 
     path = getattr(m, "path", None)
     if path is None:  # a plain list of samples: nothing to copy
@@ -207,8 +207,8 @@ def _manifest_record(m, run: Path) -> Optional[dict]:
 def write_run_files(run: Path, model, processor, args, config, decoding, train_set, val_set, heldout_set,
                     replay_set, extra: dict) -> None:
     """train_config.json, manifest copies and the processor snapshot (tokenizer, preprocessor config)."""
-    from . import __version__
-    from .metrics import DEFAULT_NORMALIZER
+    from .. import __version__
+    from ..metrics import DEFAULT_NORMALIZER
 
     run = Path(run)
     run.mkdir(parents=True, exist_ok=True)

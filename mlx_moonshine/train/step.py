@@ -9,7 +9,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_map
 
-from .train_batches import IGNORE
+from .batches import IGNORE
 
 
 def step_compiled(flag: Optional[bool] = None) -> bool:
