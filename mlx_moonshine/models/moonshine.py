@@ -21,7 +21,6 @@ Where MLX and transformers differ (only on *padded* batches; unpadded inputs mat
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -29,6 +28,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from . import fastmath
+from .args import ArgsBase, rope_parameters
 from .layers import Attention, Decoder, EncoderDecoder, EncoderMLP, RotaryEmbedding, attention_mask, gelu
 
 # Encoder conv stem: (kernel, stride) of conv1..conv3; 64 * 3 * 2 = 384 samples per frame (24 ms at 16 kHz).
@@ -36,7 +36,7 @@ CONV_STEM = ((127, 64), (7, 3), (3, 2))
 
 
 @dataclass
-class ModelArgs:
+class ModelArgs(ArgsBase):
     """Configuration read from a Moonshine `config.json`; unknown keys are ignored."""
 
     vocab_size: int = 32768
@@ -73,32 +73,10 @@ class ModelArgs:
         if isinstance(self.eos_token_id, list):
             self.eos_token_id = self.eos_token_id[0]
 
-    @classmethod
-    def from_dict(cls, config: dict) -> "ModelArgs":
-        config = dict(config)
-        # transformers >= 5 nests rotary settings in rope_parameters; older configs keep them flat.
-        rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
-        for key in ("rope_theta", "partial_rotary_factor"):
-            if key not in config and key in rope:
-                config[key] = rope[key]
-        if rope.get("rope_type", "default") not in ("default", None):
-            raise ValueError(f"rope_type {rope['rope_type']!r} is not supported (only 'default')")
-        names = inspect.signature(cls).parameters
-        known = {k: v for k, v in config.items() if k in names and k != "extra"}
-        extra = {k: v for k, v in config.items() if k not in names}
-        return cls(**known, extra=extra)
-
     def to_dict(self) -> dict:
         """A `config.json` transformers can load (unknown keys from the source kept)."""
-        out = dict(self.extra)
-        for name in inspect.signature(type(self)).parameters:
-            if name != "extra":
-                out[name] = getattr(self, name)
-        out["rope_parameters"] = {
-            "rope_type": "default",
-            "rope_theta": self.rope_theta,
-            "partial_rotary_factor": self.partial_rotary_factor,
-        }
+        out = super().to_dict()
+        out["rope_parameters"] = rope_parameters(self.rope_theta, self.partial_rotary_factor)
         out.setdefault("architectures", ["MoonshineForConditionalGeneration"])
         out["is_encoder_decoder"] = True
         return out

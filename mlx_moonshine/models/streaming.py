@@ -46,7 +46,6 @@ Where MLX and transformers 5.x differ (and transformers' oddities):
 
 from __future__ import annotations
 
-import inspect
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,24 +55,15 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ..errors import ModelError
+from .args import ArgsBase, rope_parameters
 from .layers import Decoder, EncoderDecoder, EncoderMLP
 from .moonshine import ModelArgs
 
 CONV_KERNEL, CONV_STRIDE = 5, 2  # both causal convs of the embedder
 
 
-def _known(cls, config: dict) -> tuple[dict, dict]:
-    names = inspect.signature(cls).parameters
-    known = {k: v for k, v in config.items() if k in names and k != "extra"}
-    return known, {k: v for k, v in config.items() if k not in names}
-
-
-def _fields(args) -> dict:
-    return {k: getattr(args, k) for k in inspect.signature(type(args)).parameters if k != "extra"}
-
-
 @dataclass
-class StreamingEncoderArgs:
+class StreamingEncoderArgs(ArgsBase):
     """The nested `encoder_config` of a Moonshine Streaming `config.json`."""
 
     hidden_size: int = 320
@@ -106,20 +96,15 @@ class StreamingEncoderArgs:
     def frame_len(self) -> int:
         return int(round(self.sample_rate * self.frame_ms / 1000.0))
 
-    @classmethod
-    def from_dict(cls, config: dict) -> "StreamingEncoderArgs":
-        known, extra = _known(cls, config)
-        return cls(**known, extra=extra)
-
     def to_dict(self) -> dict:
-        out = {**self.extra, **_fields(self)}
+        out = super().to_dict()
         out["sliding_windows"] = [list(w) for w in self.sliding_windows]
         out["model_type"] = "moonshine_streaming_encoder"
         return out
 
 
 @dataclass
-class StreamingArgs:
+class StreamingArgs(ArgsBase):
     """Configuration read from a Moonshine Streaming `config.json`; unknown keys are ignored."""
 
     encoder_config: StreamingEncoderArgs = field(default_factory=StreamingEncoderArgs)
@@ -156,31 +141,18 @@ class StreamingArgs:
             raise ValueError(f"decoder head_dim {self.head_dim} != hidden_size // num_attention_heads "
                              f"({self.hidden_size // self.num_attention_heads}) is not supported")
 
-    @classmethod
-    def from_dict(cls, config: dict) -> "StreamingArgs":
-        config = dict(config)
-        rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
-        for key in ("rope_theta", "partial_rotary_factor"):
-            if key not in config and key in rope:
-                config[key] = rope[key]
-        if rope.get("rope_type", "default") not in ("default", None):
-            raise ValueError(f"rope_type {rope['rope_type']!r} is not supported (only 'default')")
-        known, extra = _known(cls, config)
-        return cls(**known, extra=extra)
-
     def to_dict(self) -> dict:
         """A `config.json` that `MoonshineStreamingConfig` loads back (unknown keys from the source kept).
 
         `num_key_value_heads` is always written (transformers' decoder reads it without declaring
         it) and `decoder_start_token_id` is concrete (transformers' None breaks label shifting).
         """
-        out = {**self.extra, **_fields(self)}
+        out = super().to_dict()
         out["encoder_config"] = self.encoder_config.to_dict()
         if out["head_dim"] is None:
             out["head_dim"] = self.hidden_size // self.num_attention_heads
         # transformers 5 keeps rotary settings only in rope_parameters.
-        out["rope_parameters"] = {"rope_type": "default", "rope_theta": out.pop("rope_theta"),
-                                  "partial_rotary_factor": out.pop("partial_rotary_factor")}
+        out["rope_parameters"] = rope_parameters(out.pop("rope_theta"), out.pop("partial_rotary_factor"))
         out.setdefault("architectures", ["MoonshineStreamingForConditionalGeneration"])
         out["is_encoder_decoder"] = True
         return out
