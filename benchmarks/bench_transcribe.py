@@ -113,7 +113,7 @@ class OrtEngine:
         import onnxruntime as ort
         from tokenizers import Tokenizer
 
-        from mlx_moonshine.convert.ort import resolve_moonshine_cpp
+        from mlx_moonshine.convert.wheels import resolve_moonshine_cpp
 
         src, _ = resolve_moonshine_cpp("moonshine-cpp:base-en")
         opts = ort.SessionOptions()

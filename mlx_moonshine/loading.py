@@ -274,7 +274,7 @@ def save(model, processor: Processor, out_dir: str | Path, record: Optional[dict
 
 
 def _source_kind(source: str) -> str:
-    from .convert.ort import SHORTCUT_PREFIXES
+    from .convert.wheels import SHORTCUT_PREFIXES
 
     if source.startswith(SHORTCUT_PREFIXES):
         return source.split(":")[0]  # "moonshine-cpp" | "moonshine-voice": a PyPI wheel shortcut
@@ -315,7 +315,8 @@ def convert(source: str, out_dir: str | Path, dtype: str = "float32", force: boo
               "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     with tempfile.TemporaryDirectory(prefix="mlx-moonshine-convert-") as scratch:
         if kind in ("moonshine-cpp", "moonshine-voice", "onnx"):
-            from .convert.ort import ort_to_hf, resolve_shortcut
+            from .convert.ort import ort_to_hf
+            from .convert.wheels import resolve_shortcut
 
             tokenizer_json = None
             if kind != "onnx":

@@ -45,7 +45,8 @@ def base_hf_dir() -> Path:
     built = cache / "base-hf"
     if not (built / "model.safetensors").is_file():
         try:
-            from mlx_moonshine.convert.ort import ort_to_hf, resolve_moonshine_cpp
+            from mlx_moonshine.convert.ort import ort_to_hf
+            from mlx_moonshine.convert.wheels import resolve_moonshine_cpp
 
             src, tokenizer_json = resolve_moonshine_cpp("moonshine-cpp:base-en")
             ort_to_hf(src, built, tokenizer_json=tokenizer_json)

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import mlx_moonshine  # noqa: F401  (preloads OpenBLAS before anything imports mlx)
-from mlx_moonshine.convert import ort
+from mlx_moonshine.convert import ort, wheels
 from mlx_moonshine.errors import ModelError
 from mlx_moonshine.convert.ort_graph import collect_params, load_graph
 
@@ -40,29 +40,29 @@ def test_missing_dir_is_a_model_error(tmp_path):
 @pytest.mark.parametrize("spec", ["moonshine-cpp:tiny-xx", "moonshine-cpp", "other:base-en"])
 def test_unknown_shortcut_lists_known_names(spec, tmp_path):
     with pytest.raises(ModelError) as err:
-        ort.resolve_moonshine_cpp(spec, cache_dir=tmp_path)
+        wheels.resolve_moonshine_cpp(spec, cache_dir=tmp_path)
     assert repr(spec) in str(err.value) and "moonshine-cpp:base-en" in str(err.value)
 
 
 def test_offline_pip_failure_names_the_alternatives(tmp_path, monkeypatch):
-    monkeypatch.setattr(ort, "_installed_package_dir", lambda module: None)
+    monkeypatch.setattr(wheels, "_installed_package_dir", lambda module: None)
 
     def no_network(cmd, **kwargs):
         return subprocess.CompletedProcess(cmd, 1, "", "ERROR: Could not find a version that satisfies "
                                                       "the requirement moonshine-cpp==0.1.4\n")
 
-    monkeypatch.setattr(ort.subprocess, "run", no_network)
+    monkeypatch.setattr(wheels.subprocess, "run", no_network)
     with pytest.raises(ModelError) as err:
-        ort.resolve_moonshine_cpp("moonshine-cpp:base-en", cache_dir=tmp_path)
+        wheels.resolve_moonshine_cpp("moonshine-cpp:base-en", cache_dir=tmp_path)
     msg = str(err.value)
     assert "\n" not in msg and "moonshine-cpp==0.1.4" in msg
     assert "Hugging Face" in msg and "encoder_model.ort" in msg
 
 
 def test_cache_dir_honours_env(tmp_path, monkeypatch):
-    monkeypatch.setenv(ort.CACHE_ENV, str(tmp_path))
-    assert ort.cache_root() == tmp_path
-    assert ort.cache_root(tmp_path / "x") == tmp_path / "x"
+    monkeypatch.setenv(wheels.CACHE_ENV, str(tmp_path))
+    assert wheels.cache_root() == tmp_path
+    assert wheels.cache_root(tmp_path / "x") == tmp_path / "x"
 
 
 @pytest.mark.parametrize("module, ext, hint", [("onnx", ".onnx", "pip install onnx"),

@@ -26,7 +26,7 @@ CLIPS = ("beckett.wav", "two_cities.wav", "endgame_nagg_nell.wav")
 
 
 def _shortcut(spec: str):
-    from mlx_moonshine.convert.ort import resolve_shortcut
+    from mlx_moonshine.convert.wheels import resolve_shortcut
 
     try:
         return resolve_shortcut(spec)[0]

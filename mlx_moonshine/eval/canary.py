@@ -46,7 +46,7 @@ def _note(log: Optional[Callable[[str], None]], msg: str) -> None:
 
 
 def _cache_root(cache_dir=None) -> Path:
-    from ..convert.ort import cache_root
+    from ..convert.wheels import cache_root
 
     return cache_root(cache_dir)
 

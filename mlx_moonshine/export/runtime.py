@@ -221,7 +221,7 @@ def _reference_value(graph, slot: Slot) -> np.ndarray:
 def reference_graphs(model_dir: Path, log: Log = None) -> tuple[str, Path]:
     """(shortcut, runtime folder) of the wheel `model_dir` was converted from; refuses other models."""
     from ..loading import _read_json
-    from ..convert.ort import ENCODER_STEM, DECODER_STEM, SHORTCUTS, resolve_shortcut
+    from ..convert.wheels import ENCODER_STEM, DECODER_STEM, SHORTCUTS, resolve_shortcut
 
     config = _read_json(model_dir / "config.json")
     if config.get("model_type", "moonshine") != "moonshine":
@@ -306,7 +306,7 @@ def export_runtime(model_dir: PathLike, out_dir: PathLike, adapter: Optional[Pat
     model, _ = load_fused(model_dir, adapter)
     # HF names and layouts (conv kernels (out, in, k)), as `convert` read them from the graph.
     weights = {k: np.array(v, dtype=np.float32) for k, v in hf_state_dict(model).items()}
-    from ..convert.ort import SHORTCUTS
+    from ..convert.wheels import SHORTCUTS
 
     record = {"source": spec, "architecture": SHORTCUTS[spec].architecture, "reference": {},
               "adapter": None if adapter is None else str(adapter),
