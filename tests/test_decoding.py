@@ -47,11 +47,29 @@ def test_batched_greedy_equals_one_by_one(tiny):
         assert res.tokens == alone.tokens
 
 
-def test_budget_stops_runaway_decoding(tiny):
+def forced_scores(model, monkeypatch, eos_first: bool = False):
+    """Make the head ignore the audio: a fixed preference 5 > 6 > 7 > ... over the vocabulary (</s> last,
+    or first when `eos_first`), so a filter's effect is certain, not an accident of random weights."""
+    import mlx.core as mx
+
+    vocab = model.args.vocab_size
+    bias = -np.arange(vocab, dtype=np.float32) / vocab
+    bias[:5] = -10.0
+    bias[2] = 10.0 if eos_first else -10.0  # </s>
+    fixed = mx.array(bias)
+    monkeypatch.setattr(model, "logits", lambda hidden: mx.zeros(hidden.shape[:-1] + (vocab,)) + fixed)
+
+
+def test_budget_stops_runaway_decoding(tiny, monkeypatch):
     model, processor = tiny
-    opts = DecodingOptions(max_tokens_per_second=2.0, min_token_budget=1)
-    for res, a in zip(decode_batch(model, processor, clips([16000, 32000]), opts), (16000, 32000)):
-        assert len(res.tokens) <= opts.token_budget(a / 16000)
+    forced_scores(model, monkeypatch)  # never picks </s>: only the budget ends a row
+    audio = clips([16000, 32000])
+    small = DecodingOptions(max_tokens_per_second=2.0, min_token_budget=1)
+    for res, a in zip(decode_batch(model, processor, audio, small, compile=False), audio):
+        assert len(res.tokens) == small.token_budget(len(a) / 16000) == 2 * len(a) // 16000
+    # Control: a larger budget really lets the same rows run longer.
+    for res, a in zip(decode_batch(model, processor, audio, DecodingOptions(), compile=False), audio):
+        assert len(res.tokens) == DecodingOptions().token_budget(len(a) / 16000) > small.token_budget(len(a) / 16000)
 
 
 def test_beam_search_runs_batched_and_scores(tiny):
@@ -63,17 +81,24 @@ def test_beam_search_runs_batched_and_scores(tiny):
     assert all(b.score is not None for b in beams)
 
 
-def test_no_repeat_ngram_blocks_repeats(tiny):
+def test_no_repeat_ngram_blocks_repeats(tiny, monkeypatch):
     model, processor = tiny
-    opts = DecodingOptions(no_repeat_ngram_size=2, max_tokens_per_second=20.0)
-    for res in decode_batch(model, processor, clips([16000, 24000], seed=3), opts):
+    forced_scores(model, monkeypatch)  # greedy alone writes 5 5 5 5 ...
+    audio = clips([16000, 24000], seed=3)
+    plain = decode_batch(model, processor, audio, DecodingOptions(), compile=False)
+    assert all(len(set(zip(r.tokens, r.tokens[1:]))) < len(r.tokens) - 1 for r in plain)  # control: repeats
+    opts = DecodingOptions(no_repeat_ngram_size=2)
+    for res in decode_batch(model, processor, audio, opts, compile=False):
         pairs = list(zip(res.tokens, res.tokens[1:]))
-        assert len(pairs) == len(set(pairs))
+        assert len(pairs) > 4 and len(pairs) == len(set(pairs))
 
 
-def test_suppress_blank_never_returns_empty(tiny):
+def test_suppress_blank_never_returns_empty(tiny, monkeypatch):
     model, processor = tiny
-    for res in decode_batch(model, processor, clips([4000, 8000], seed=4), DecodingOptions(suppress_blank=True)):
+    forced_scores(model, monkeypatch, eos_first=True)  # greedy alone ends at once: empty transcripts
+    audio = clips([4000, 8000], seed=4)
+    assert all(not r.tokens for r in decode_batch(model, processor, audio, DecodingOptions(), compile=False))
+    for res in decode_batch(model, processor, audio, DecodingOptions(suppress_blank=True), compile=False):
         assert res.tokens
 
 
