@@ -83,16 +83,22 @@ def convert(source, out_dir, dtype, force, normalize, target_dbfs):
 
 
 def decoding_options(fn):
-    """The shared decoding flags (transcribe, eval, train)."""
+    """The shared decoding flags (transcribe, eval, train); their defaults are DecodingOptions' own."""
+    from .options import DecodingOptions as D  # no MLX: --help stays instant
+
     opts = [
-        click.option("--beam-size", default=1, show_default=True, type=click.IntRange(min=1),
+        click.option("--beam-size", default=D.beam_size, show_default=True, type=click.IntRange(min=1),
                      help="1 = greedy."),
-        click.option("--length-penalty", default=None, type=float, help="Beam ranking; default: mean log-prob."),
-        click.option("--max-tokens-per-second", default=6.5, show_default=True, type=float,
+        click.option("--length-penalty", default=D.length_penalty, type=float,
+                     help="Beam ranking; default: mean log-prob."),
+        click.option("--max-tokens-per-second", default=D.max_tokens_per_second, show_default=True, type=float,
                      help="Token budget per second of audio (stops runaway loops)."),
-        click.option("--max-new-tokens", default=224, show_default=True, type=click.IntRange(min=1)),
-        click.option("--no-repeat-ngram-size", default=0, show_default=True, type=click.IntRange(min=0)),
-        click.option("--suppress-blank", is_flag=True, help="Forbid an empty transcript."),
+        click.option("--min-token-budget", default=D.min_token_budget, show_default=True,
+                     type=click.IntRange(min=1), help="Budget floor for very short clips."),
+        click.option("--max-new-tokens", default=D.max_new_tokens, show_default=True, type=click.IntRange(min=1)),
+        click.option("--no-repeat-ngram-size", default=D.no_repeat_ngram_size, show_default=True,
+                     type=click.IntRange(min=0)),
+        click.option("--suppress-blank", is_flag=True, default=D.suppress_blank, help="Forbid an empty transcript."),
     ]
     for opt in reversed(opts):
         fn = opt(fn)
@@ -107,11 +113,11 @@ def _warn_budget(options, model) -> None:
 
 
 def _decoding_from_kwargs(kwargs: dict):
-    from .decoding import DecodingOptions
+    from .options import DecodingOptions
 
-    keys = ("beam_size", "length_penalty", "max_tokens_per_second", "max_new_tokens",
-            "no_repeat_ngram_size", "suppress_blank")
-    return _run(DecodingOptions, **{k: kwargs.pop(k) for k in keys})
+    from dataclasses import fields
+
+    return _run(DecodingOptions, **{f.name: kwargs.pop(f.name) for f in fields(DecodingOptions)})
 
 
 @main.command()
