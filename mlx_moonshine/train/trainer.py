@@ -56,7 +56,7 @@ class TrainingError(MoonshineError):
 class TrainArgs:
     """Everything that shapes a training run; saved in `train_config.json`. Unknown keys are ignored."""
 
-    max_steps: int = 300  # optimizer steps (each: batch_size * grad_accum utterances)
+    max_steps: int = 400  # optimizer steps (each: batch_size * grad_accum utterances)
     schedule_steps: Optional[int] = None  # length of the lr schedule; None: max_steps. Set it to stop early and resume exactly
     lr: float = 1e-3
     batch_size: int = 2
