@@ -16,7 +16,7 @@ from typing import Callable, Optional
 
 from ..errors import MoonshineError
 from ..io import atomic_write_text, run_lock
-from .trainer import TrainArgs, TrainingError
+from .config import TrainArgs, TrainingError
 
 PATH_KEYS = ("model", "train", "val", "heldout", "eval_test", "replay", "canary", "out", "baseline_run")
 # The verdict's thresholds and the report's hypothesis: the user's, from the CLI or YAML (verdict.Thresholds).
