@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from ..errors import MoonshineError
+from ..io import swap_in
 
 POCKETSPHINX = ("pocketsphinx", "5.1.1")
 CANARY_NAME = "real_canary"  # the manifest's name in eval summaries, compare and report.md
@@ -200,9 +201,7 @@ def build_canary(cache_dir=None, archive: Optional[Path] = None, log=None) -> Pa
         (staging / MANIFEST_FILE).write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
         (staging / ".complete").write_text(f"{Path(archive).name}\n{len(rows)} clips\n")
         os.chmod(staging, 0o755)
-        if folder.exists():  # an earlier, interrupted build
-            shutil.rmtree(folder)
-        os.replace(staging, folder)
+        swap_in(staging, folder)  # replaces an earlier, interrupted build
     _note(log, f"real-speech canary: {len(rows)} clips in {manifest}")
     return manifest
 
