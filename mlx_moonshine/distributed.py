@@ -132,21 +132,35 @@ class World:
         import mlx.core as mx
         import numpy as np
 
-        with self.waiting("gathering results"):
+        what = "gathering results"
+        with self.waiting(what):
+            # Each process sends len + 1, so a 0 can only mean a peer that is gone: the ring backend may
+            # hand back zeros instead of raising when the other end of its socket died.
             lengths = np.zeros(self.size, np.int32)
-            lengths[self.rank] = len(data)
+            lengths[self.rank] = len(data) + 1
             lengths = np.array(mx.distributed.all_sum(mx.array(lengths), group=self.group)).tolist()
-            n = max(max(lengths), 1)
+            if min(lengths) < 1 or lengths[self.rank] != len(data) + 1:
+                raise self._lost(what)
+            n = max(max(lengths) - 1, 1)
             buf = np.zeros(n, np.uint8)
             buf[: len(data)] = np.frombuffer(data, np.uint8)
             out = np.array(mx.distributed.all_gather(mx.array(buf), group=self.group))
-        return [out[r * n: r * n + lengths[r]].tobytes() for r in range(self.size)]
+        if out.size != n * self.size:
+            raise self._lost(what)
+        return [out[r * n: r * n + lengths[r] - 1].tobytes() for r in range(self.size)]
+
+    def _lost(self, what: str) -> "DistributedError":
+        return DistributedError(f"process {self.rank} of {self.size} lost the other processes while {what}; "
+                                "one of them stopped (see above). Continue the run with --resume")
 
     def gather(self, obj) -> list:
         """Every process's JSON-able `obj`, in rank order (floats round-trip exactly)."""
         if self.size == 1:
             return [obj]
-        return [json.loads(b) for b in self.gather_bytes(json.dumps(obj).encode("utf-8"))]
+        try:
+            return [json.loads(b) for b in self.gather_bytes(json.dumps(obj).encode("utf-8"))]
+        except (ValueError, UnicodeDecodeError) as e:  # bytes from a peer that died mid-collective
+            raise self._lost("gathering results") from e
 
     def broadcast(self, obj):
         """Rank 0's JSON-able `obj` on every process."""

@@ -15,6 +15,9 @@ REPO = Path(__file__).resolve().parents[1]
 # Tiny random models transcribe real speech as noise: the tests turn the real-speech canary off unless a test
 # asks for it (test_canary.py builds it from a fake sdist), so the suite needs no download for it.
 os.environ.setdefault("MLX_MOONSHINE_CANARY", "none")
+# Runs must not share the base's replay answers through ~/.cache: each test computes its own, and
+# test_teacher.py turns the store on in a temporary folder to test it.
+os.environ.setdefault("MLX_MOONSHINE_TEACHER_CACHE", "off")
 
 
 @pytest.fixture(scope="session")

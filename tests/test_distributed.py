@@ -138,6 +138,16 @@ def test_two_processes_eval_like_one(corpus, tmp_path):
     assert sorted(p.name for p in (tmp_path / "two").iterdir()) == sorted(p.name for p in (tmp_path / "one").iterdir())
 
 
+def test_two_processes_take_the_teacher_cache_from_process_zero(corpus, tmp_path, monkeypatch):
+    monkeypatch.setenv("MLX_MOONSHINE_TEACHER_CACHE", str(tmp_path / "store"))
+    one, two = tmp_path / "one", tmp_path / "two"
+    first = _train(1, corpus, one, 2)  # fills the store
+    assert "from the teacher cache" not in first.stdout + first.stderr
+    second = _train(2, corpus, two, 2)  # process 0 reads it, process 1 gets the answers from it
+    assert "replay targets: 12 of 12 from the teacher cache" in second.stdout + second.stderr
+    _assert_same_run(one, two)
+
+
 def _without_rtf(table: str) -> list[str]:
     return [line.rsplit(" ", 1)[0] for line in table.splitlines()]
 
@@ -166,13 +176,18 @@ def test_killed_process_stops_the_run_then_resume_continues(corpus, tmp_path):
     launcher = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env(),
                                 stdin=quiet_in)
     try:
-        state, deadline = run / "checkpoint" / "state.json", time.time() + 60
-        while time.time() < deadline and launcher.poll() is None:
+        # Wait for a checkpoint past step 4 as long as the launcher lives (a loaded box can take minutes);
+        # the deadline only guards against a run that hangs before its first checkpoint.
+        state, deadline = run / "checkpoint" / "state.json", time.time() + 600
+        while launcher.poll() is None and time.time() < deadline:
             if state.is_file() and json.loads(state.read_text())["step"] >= 4:
                 break
-            time.sleep(0.05)
-        pid = _rank_pid(launcher, 1)
-        assert pid is not None and launcher.poll() is None, "the run did not get going"
+            time.sleep(0.1)
+        pid = _rank_pid(launcher, 1) if launcher.poll() is None else None
+        if pid is None:
+            launcher.kill()
+            out, _ = launcher.communicate(timeout=60)
+            pytest.fail(f"the run did not get going (launcher rc {launcher.returncode}):\n{out[-3000:]}")
         os.kill(pid, signal.SIGKILL)
         out, _ = launcher.communicate(timeout=60)  # ends instead of hanging
     finally:

@@ -97,3 +97,69 @@ def test_distillation_pulls_the_adapted_model_toward_the_base(tiny_model_dir, co
         model.eval()
         kls[kd] = _kl_to_base(model, base, probe)
     assert kls[5.0] < 0.7 * kls[0.0], kls
+
+
+# -- the teacher cache: the base's answers kept between runs -----------------------------------------
+
+
+def test_a_second_run_reads_the_base_answers_from_the_teacher_cache(tiny_model_dir, corpus, tmp_path, monkeypatch):
+    from mlx_moonshine.train import teacher_cache
+
+    monkeypatch.setenv(teacher_cache.ENV, str(tmp_path / "store"))
+    model, processor = load(tiny_model_dir)
+    rows = load_manifest(corpus["replay"]).samples
+    options, args = DecodingOptions(), _args()
+    store = teacher_cache.open_store(model, processor)
+    assert store is not None and store.folder.parent == tmp_path / "store"
+    first = teach.base_targets(model, processor, rows, options, tmp_path / "run1", log=lambda m: None, store=store)
+    table = teach.teacher_table(model, processor, first, args, k=4, store=store, log=lambda m: None)
+
+    def no_model(*a, **k):
+        raise AssertionError("the teacher cache should have answered")
+
+    monkeypatch.setattr("mlx_moonshine.transcription.transcribe_clips", no_model)
+    monkeypatch.setattr(teach, "_teacher_chunk", no_model)
+    lines = []
+    store2 = teacher_cache.open_store(model, processor)  # a new run: a fresh run folder, the same base
+    again = teach.base_targets(model, processor, rows, options, tmp_path / "run2", log=lines.append, store=store2)
+    table2 = teach.teacher_table(model, processor, again, args, k=4, store=store2, log=lines.append)
+    assert [s.text for s in again] == [s.text for s in first]
+    assert (tmp_path / "run2" / teach.TARGETS_FILE).read_text().count("\n") == len(rows)  # the run records them
+    assert table2.ids.keys() == table.ids.keys()
+    for sid in table.ids:
+        np.testing.assert_array_equal(table2.ids[sid], table.ids[sid])
+        np.testing.assert_array_equal(table2.probs[sid], table.probs[sid])
+    assert f"{len(rows)} of {len(rows)} from the teacher cache" in lines[0], lines
+
+
+def test_the_teacher_cache_misses_on_other_weights_options_or_audio(tiny_model_dir, corpus, tmp_path, monkeypatch):
+    from mlx_moonshine.train import teacher_cache
+
+    monkeypatch.setenv(teacher_cache.ENV, str(tmp_path / "store"))
+    model, processor = load(tiny_model_dir)
+    rows = load_manifest(corpus["replay"]).samples[:3]
+    store = teacher_cache.open_store(model, processor)
+    teach.base_targets(model, processor, rows, DecodingOptions(), None, log=lambda m: None, store=store)
+    assert len(store.targets(rows, DecodingOptions().to_dict())) == 3  # control: a hit
+    assert store.targets(rows, DecodingOptions(max_tokens_per_second=3.0).to_dict()) == {}
+
+    moved = tmp_path / "other.wav"  # the same bytes under another path: still a hit; other bytes: a miss
+    moved.write_bytes(rows[0].audio_path.read_bytes())
+    import dataclasses
+
+    assert len(store.targets([dataclasses.replace(rows[0], audio_path=moved)], DecodingOptions().to_dict())) == 1
+    moved.write_bytes(rows[1].audio_path.read_bytes())
+    store._clips.clear()
+    changed = store.targets([dataclasses.replace(rows[0], audio_path=moved)], DecodingOptions().to_dict())
+    assert changed == {rows[0].id: store.targets([rows[1]], DecodingOptions().to_dict())[rows[1].id]}
+
+    from mlx.utils import tree_flatten
+
+    name, w = tree_flatten(model.parameters())[0]  # one weight changed: another fingerprint
+    before = teacher_cache.model_fingerprint(model, processor)
+    assert teacher_cache.model_fingerprint(model, processor) == before
+    model.load_weights([(name, w + 1e-3)], strict=False)
+    assert teacher_cache.model_fingerprint(model, processor) != before
+
+    monkeypatch.setenv(teacher_cache.ENV, "off")
+    assert teacher_cache.open_store(model, processor) is None

@@ -48,8 +48,9 @@ def domain_style(text: str) -> str:
 
 
 def base_targets(model, processor, samples, options, run_dir: Optional[Path], style: str = "base",
-                 log: Callable[[str], None] = print) -> list:
-    """`samples` with their text replaced by the base model's own transcripts (cached in run_dir).
+                 log: Callable[[str], None] = print, store=None) -> list:
+    """`samples` with their text replaced by the base model's own transcripts (cached in run_dir, and in
+    `store`, a `teacher_cache.TeacherStore`, between runs).
 
     Rows the base transcribes as empty keep an empty target (the base's "nothing here"); callers keep them,
     since that is behaviour worth preserving too.
@@ -67,24 +68,59 @@ def base_targets(model, processor, samples, options, run_dir: Optional[Path], st
             if row.get("decoding") == options.to_dict():
                 known[row["id"]] = row["text"]
     todo = [s for s in samples if s.id not in known]
+    stored = _from_store(lambda: store.targets(todo, options.to_dict()), store, todo)
+    if stored:
+        log(f"replay targets: {len(stored)} of {len(todo)} from the teacher cache" + _where(store))
+        known.update(stored)
+        _append_targets(cache, [s for s in todo if s.id in stored], stored, options)
+        todo = [s for s in todo if s.id not in stored]
     if todo:
         log(f"replay targets: the base model transcribes {len(todo)} replay clips (its own words, case and "
             "punctuation)")
-        lines = []
         chunks = [todo[b:b + 32] for b in range(0, len(todo), 32)]
         texts = _world().map_all(chunks, lambda chunk: [r["text"] for r in transcribe_clips(
             model, processor, [s.audio_path for s in chunk], options)])
+        new = {}
         for chunk, chunk_texts in zip(chunks, texts):
-            for s, text in zip(chunk, chunk_texts):
-                known[s.id] = text
-                lines.append(json.dumps(dict(id=s.id, text=text, manifest_text=s.text,
-                                             decoding=options.to_dict())) + "\n")
-        if cache is not None:
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            with open(cache, "a", encoding="utf-8") as f:
-                f.writelines(lines)
+            new.update((s.id, text) for s, text in zip(chunk, chunk_texts))
+        known.update(new)
+        _append_targets(cache, todo, new, options)
+        _to_store(lambda: store.add_targets(todo, new, options.to_dict()), store, log)
     restyle = domain_style if style == "domain" else (lambda t: t)
     return [dataclasses.replace(s, text=restyle(known[s.id])) for s in samples]
+
+
+def _append_targets(cache: Optional[Path], samples, texts: dict, options) -> None:
+    """Add the transcripts of `samples` to the run folder's record (read back on resume)."""
+    if cache is None or not samples:
+        return
+    lines = [json.dumps(dict(id=s.id, text=texts[s.id], manifest_text=s.text, decoding=options.to_dict())) + "\n"
+             for s in samples]
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    with open(cache, "a", encoding="utf-8") as f:
+        f.writelines(lines)
+
+
+def _from_store(read: Callable, store, todo):
+    """Process 0 reads the teacher cache and every process gets its answer (the same work is left on all)."""
+    world = _world()
+    if world.size == 1:
+        return read() if store is not None and todo else {}
+    found = read() if world.is_main and store is not None and todo else {}
+    return world.broadcast(found)
+
+
+def _where(store) -> str:
+    return f" ({store.folder})" if store is not None else ""
+
+
+def _to_store(write: Callable, store, log) -> None:
+    if store is None or not _world().is_main:
+        return
+    try:
+        write()
+    except OSError as e:  # the cache only saves time: a full disk must not stop the run
+        log(f"warning: could not write the teacher cache {store.folder}: {e}")
 
 
 def manifest_targets(samples, style: str = "base") -> list:
@@ -123,9 +159,21 @@ class TeacherTable:
         return batch
 
 
-def teacher_table(model, processor, samples, args, k: int = 16, max_len=None) -> TeacherTable:
-    """Teacher-forced base distributions over `samples`' targets (call before adapters are applied)."""
+def teacher_table(model, processor, samples, args, k: int = 16, max_len=None, store=None,
+                  log: Callable[[str], None] = print) -> TeacherTable:
+    """Teacher-forced base distributions over `samples`' targets (call before adapters are applied); rows
+    `store` (a `teacher_cache.TeacherStore`) holds are read from it, the others computed and added."""
     table = TeacherTable(k=k)
+    stored = _from_store(lambda: {i: (a.tolist(), b.tolist()) for i, (a, b) in
+                                  store.table_rows(samples, k, max_len).items()}, store, samples)
+    for sid, (ids, probs) in stored.items():
+        table.ids[sid] = np.array(ids, np.int32).reshape(-1, k)
+        table.probs[sid] = np.array(probs, np.float32).reshape(-1, k)
+    if stored:
+        log(f"replay teacher: {len(stored)} of {len(samples)} rows from the teacher cache" + _where(store))
+    samples = [s for s in samples if s.id not in stored]
+    if not samples:
+        return table
     was_training = model.training
     model.eval()
 
@@ -141,6 +189,7 @@ def teacher_table(model, processor, samples, args, k: int = 16, max_len=None) ->
             table.ids[s.id] = np.array(ids, np.int32).reshape(-1, k)
             table.probs[s.id] = np.array(probs, np.float32).reshape(-1, k)
     model.train(was_training)
+    _to_store(lambda: store.add_table_rows(samples, table, k, max_len), store, log)
     return table
 
 

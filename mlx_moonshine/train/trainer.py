@@ -130,16 +130,19 @@ def epoch_batches(samples, args: TrainArgs, epoch: int, iterate_batches=data_lib
 def _replay_teacher(model, processor, replay_train, replay_val, args: TrainArgs, run: Path, decoding, log):
     """Replay rows with their targets (the base's transcripts or the manifest's, restyled as asked) and,
     with `replay_kd` > 0, the base's token distributions on the training rows. The model must be the base."""
+    from .teacher_cache import open_store
+
     rows = replay_val + replay_train
+    store = open_store(model, processor) if _world().is_main else None  # the base's answers from earlier runs
     if args.replay_targets == "base":
-        rows = base_targets(model, processor, rows, decoding, run, args.transcript_style, log=log)
+        rows = base_targets(model, processor, rows, decoding, run, args.transcript_style, log=log, store=store)
     else:
         rows = manifest_targets(rows, args.transcript_style)
     replay_val, replay_train = rows[: len(replay_val)], rows[len(replay_val):]
     teacher = None
     if args.replay_kd > 0 and replay_train:
         teacher = teacher_table(model, processor, replay_train, args, k=args.kd_topk,
-                                max_len=model.args.max_position_embeddings)
+                                max_len=model.args.max_position_embeddings, store=store, log=log)
         log(f"replay teacher: base distributions (top {args.kd_topk}) on {len(replay_train)} replay rows, "
             f"{teacher.nbytes / 2**20:.1f} MB, distillation weight {args.replay_kd:g}")
     return replay_train, replay_val, teacher
