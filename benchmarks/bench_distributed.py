@@ -35,7 +35,8 @@ def audio_seconds(run: Path, steps: int) -> float:
     """Seconds of audio in the first `steps` global batches of `run` (its own arguments and manifest)."""
     sys.path.insert(0, str(REPO))
     from mlx_moonshine.data import load_manifest
-    from mlx_moonshine.train.trainer import TrainArgs, epoch_batches
+    from mlx_moonshine.train.batches import epoch_batches
+    from mlx_moonshine.train.config import TrainArgs
 
     record = json.loads((run / "train_config.json").read_text())
     args = TrainArgs.from_dict(record["train_args"])

@@ -66,7 +66,7 @@ def run_mlx(args, config: dict) -> dict:
     from mlx_moonshine.loading import load
     from mlx_moonshine.train.batches import EncoderCache, make_batch
     from mlx_moonshine.train.step import Stepper, default_loss, step_compiled
-    from mlx_moonshine.train.trainer import TrainArgs
+    from mlx_moonshine.train.config import TrainArgs
 
     model, processor = load(args.model)
     kw = {"scope": config["scope"]} if config["scope"] else {}
@@ -137,7 +137,7 @@ def write_race_npz(train, path: Path) -> float:
 
 def val_wer(model, processor, val) -> dict:
     from mlx_moonshine.decoding import DecodingOptions
-    from mlx_moonshine.train.trainer import eval_wer
+    from mlx_moonshine.train.validation import eval_wer
 
     model.eval()
     t = time.perf_counter()
@@ -158,7 +158,7 @@ def run_race_mlx(args) -> dict:
     from mlx_moonshine.loading import load
     from mlx_moonshine.train.batches import make_batch
     from mlx_moonshine.train.step import Stepper, default_loss, step_compiled
-    from mlx_moonshine.train.trainer import TrainArgs
+    from mlx_moonshine.train.config import TrainArgs
 
     train, val = race_rows(args)
     model, processor = load(args.model)

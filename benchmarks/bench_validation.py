@@ -1,7 +1,7 @@
 """One validation of `train`, before and after train_eval.py, on real weights: same numbers, less time.
 
 Before: val loss at the training batch (2) in manifest order, then the val WER rows encoded again and
-decoded at batch 8 (trainer.eval_loss + trainer.eval_wer). After: `train_eval.validation_pass`, one encoder
+decoded at batch 8 (validation.eval_loss + validation.eval_wer). After: `validation.validation_pass`, one encoder
 pass per row (sorted by duration, batch 8) serving both. Fresh LoRA r=8 q/v adapters (B = 0: the base's
 numbers), model in eval mode, as `train` validates.
 
@@ -31,7 +31,9 @@ def main():
     from mlx_moonshine.decoding import DecodingOptions
     from mlx_moonshine.loading import load
     from mlx_moonshine.train.validation import validation_pass
-    from mlx_moonshine.train.trainer import TrainArgs, default_loss, eval_loss, eval_wer
+    from mlx_moonshine.train.config import TrainArgs
+    from mlx_moonshine.train.step import default_loss
+    from mlx_moonshine.train.validation import eval_loss, eval_wer
 
     model, processor = load(args.model)
     apply_adapters(model, AdapterConfig(kind="lora", r=8, alpha=16.0, dropout=0.0, targets=["q_proj", "v_proj"]))

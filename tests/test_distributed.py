@@ -234,7 +234,7 @@ def test_step_with_a_reduce_and_an_empty_shard_equals_the_plain_step(tiny_model_
     from mlx_moonshine.loading import load
     from mlx_moonshine.train.batches import make_batch
     from mlx_moonshine.train.step import Stepper, default_loss
-    from mlx_moonshine.train.trainer import TrainArgs
+    from mlx_moonshine.train.config import TrainArgs
 
     corpus = write_tiny_corpus(tiny_model_dir.parent / "steps", "c", 3)
     from mlx_moonshine.data import load_manifest

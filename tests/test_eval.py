@@ -263,13 +263,13 @@ def test_real_base_model_matches_transformers_wer_on_atc(shared_dir, base_hf_dir
 
 
 def test_in_training_wer_decodes_like_eval_even_past_20_seconds(tiny, tmp_path):
-    """Validation WER during training (trainer.eval_wer and the training loop's one-encoder-pass
+    """Validation WER during training (validation.eval_wer and the training loop's one-encoder-pass
     validation) decodes as `eval` does: a 26 s clip is split alike."""
     import numpy as np
     import soundfile as sf
 
     from mlx_moonshine.data import load_manifest
-    from mlx_moonshine.train.trainer import eval_wer
+    from mlx_moonshine.train.validation import eval_wer
 
     rng = np.random.default_rng(3)
     folder = tmp_path / "long"

@@ -17,7 +17,7 @@ from mlx_moonshine.decoding import DecodingOptions, decode_batch
 from mlx_moonshine.loading import load
 from mlx_moonshine.train.batches import load_clips, make_batch
 from mlx_moonshine.train.step import Stepper, default_loss
-from mlx_moonshine.train.trainer import TrainArgs
+from mlx_moonshine.train.config import TrainArgs
 
 
 @pytest.fixture(scope="module")

@@ -300,14 +300,14 @@ def test_train_cli_then_peft_parity(hf_dir, mlx_dir, tmp_path):
 
 
 def test_encoder_cache_keeps_every_streaming_frame(mlx_dir, tmp_path):
-    from mlx_moonshine.train import trainer
+    from mlx_moonshine.train.batches import EncoderCache, load_clips
     from conftest import write_tiny_corpus
     from mlx_moonshine.data import load_manifest
 
     model, processor = load(mlx_dir)
     samples = list(load_manifest(write_tiny_corpus(tmp_path, "cache", 3, seed=4)).samples)
-    memory, valid = trainer.EncoderCache(model, processor, pad_seconds=2.0).batch(samples)
+    memory, valid = EncoderCache(model, processor, pad_seconds=2.0).batch(samples)
     for i, s in enumerate(samples):
-        alone, _ = model.encode(mx.array(trainer.load_clips([s], processor)[0][None]))
+        alone, _ = model.encode(mx.array(load_clips([s], processor)[0][None]))
         assert int(np.array(valid[i]).sum()) == alone.shape[1]
         np.testing.assert_allclose(np.array(memory[i, : alone.shape[1]]), np.array(alone[0]), atol=1e-4)

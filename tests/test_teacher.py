@@ -9,6 +9,7 @@ import pytest
 from conftest import write_tiny_corpus
 from mlx_moonshine.train import teacher as teach
 from mlx_moonshine.train import trainer as tr
+from mlx_moonshine.train.config import TrainArgs
 from mlx_moonshine.data import load_manifest
 from mlx_moonshine.decoding import DecodingOptions
 from mlx_moonshine.loading import load
@@ -21,7 +22,7 @@ def _args(**kw):
                 val_wer_samples=0, rank=4, alpha=8, dropout=0.0, max_seconds=None, pad_seconds=2.0, compile=False,
                 aux_loss_rows=0)
     base.update(kw)
-    return tr.TrainArgs(**base)
+    return TrainArgs(**base)
 
 
 @pytest.fixture(scope="module")

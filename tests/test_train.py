@@ -18,6 +18,7 @@ import mlx.core as mx
 import soundfile as sf
 from mlx.utils import tree_flatten
 
+from mlx_moonshine.train import batches, config, step, validation
 from mlx_moonshine.train import trainer as tr
 from mlx_moonshine.audio import prepare_audio
 from mlx_moonshine.data import load_manifest, write_manifest, Sample
@@ -74,7 +75,7 @@ def _args(**kw):
                 val_wer_samples=2, rank=4, alpha=8, dropout=0.0, max_seconds=None, pad_seconds=2.0,
                 compile=False)  # CPU mx.compile JIT-builds kernels per shape: slow cold; one test covers it
     base.update(kw)
-    return tr.TrainArgs(**base)
+    return config.TrainArgs(**base)
 
 
 def _train(tiny, run, progress=False, **kw):
@@ -112,15 +113,44 @@ def test_loss_decreases_and_outputs_exist(tiny, tmp_path):
     assert {"loss", "lr", "it_per_s", "tokens_per_s", "peak_memory_gb", "rss_gb"} <= set(train_row)
     assert {"val_loss", "val_wer"} <= set(metrics[0])  # step 0: the base model
     assert summary["steps"] == 30 and summary["skipped_steps"] == 0
+    phases = summary["phases"]  # where the time went: every step is counted once, three validations
+    assert phases["steps"]["count"] + phases.get("new_shape_steps", {}).get("count", 0) == 30
+    assert phases["validation"]["count"] == 3 and phases["checkpoints"]["seconds"] >= 0
     # The run folder is an adapter folder that load() applies.
     model, _ = load(tiny / "model", adapter=run)
     assert any("lora_A" in k for k, _ in tree_flatten(model.parameters()))
 
 
+def test_train_takes_an_injected_optimizer_and_loss(tiny, tmp_path):
+    import mlx.optimizers as optim
+
+    calls = {"update": 0, "loss": 0}
+
+    class CountingSGD(optim.SGD):
+        def apply_gradients(self, gradients, parameters):
+            calls["update"] += 1
+            return super().apply_gradients(gradients, parameters)
+
+    def loss(model, batch):
+        calls["loss"] += 1
+        return step.default_loss(model, batch)
+
+    model, processor = load(tiny / "model")
+    summary = tr.train(model, processor, load_manifest(tiny / "train.jsonl"), load_manifest(tiny / "val.jsonl"),
+                       _args(max_steps=4, eval_every=4), run_dir=tmp_path / "run", loss=loss,
+                       optimizer=CountingSGD(learning_rate=0.5), log=lambda m: None, progress=False)
+    assert summary["steps"] == 4 and calls["update"] == 4 and calls["loss"] >= 4  # eager: one trace per call
+    sgd = np.array(mx.load(str(tmp_path / "run" / "adapters.safetensors"))[
+        next(k for k in mx.load(str(tmp_path / "run" / "adapters.safetensors")) if k.endswith("lora_B"))])
+    _, _, adamw = _train(tiny, tmp_path / "adamw", max_steps=4, eval_every=4)
+    assert not np.allclose(sgd, np.array(next(v for k, v in tree_flatten(adamw.trainable_parameters())
+                                                 if k.endswith("lora_B"))))  # control: the optimizer mattered
+
+
 def test_training_audio_is_prepare_audio(tiny):
     _, processor = load(tiny / "model")
     samples = load_manifest(tiny / "train.jsonl").samples[:3]
-    batch = tr.make_batch(samples, processor, _args())
+    batch = batches.make_batch(samples, processor, _args())
     audio, lengths = np.array(batch["audio"]), np.array(batch["lengths"])
     for i, s in enumerate(samples):
         ref = prepare_audio(s.audio_path, processor.audio)
@@ -131,7 +161,7 @@ def test_training_audio_is_prepare_audio(tiny):
     ids = processor.tokenizer.encode(samples[0].text)
     assert tokens[0, : len(ids) + 1].tolist() == [processor.start_id] + ids
     assert labels[0, : len(ids) + 1].tolist() == ids + [processor.eos_id]
-    assert (labels[0, len(ids) + 1:] == tr.IGNORE).all()
+    assert (labels[0, len(ids) + 1:] == batches.IGNORE).all()
 
 
 def test_encoder_cache_same_loss_curve(tiny, tmp_path):
@@ -140,7 +170,7 @@ def test_encoder_cache_same_loss_curve(tiny, tmp_path):
     s_off, rows_off, _ = _train(tiny, tmp_path / "off", cache_encoder="off", **kw)
     assert s_on["encoder_cache"] and not s_off["encoder_cache"]
     np.testing.assert_allclose(_losses(rows_on), _losses(rows_off), rtol=1e-5, atol=1e-5)
-    with pytest.raises(tr.TrainingError, match="decoder"):
+    with pytest.raises(config.TrainingError, match="decoder"):
         _train(tiny, tmp_path / "bad", cache_encoder="on", max_steps=1)
 
 
@@ -158,7 +188,7 @@ def test_resume_equals_uninterrupted(tiny, tmp_path):
 
 def test_patience_stops_when_validation_stops_improving(tiny, tmp_path):
     def flat(model, batch):  # the same loss everywhere: no validation ever improves on step 0
-        value, ntoks = tr.default_loss(model, batch)
+        value, ntoks = step.default_loss(model, batch)
         return 0.0 * value + 1.0, ntoks
 
     model, processor = load(tiny / "model")
@@ -193,7 +223,7 @@ def test_training_loop_runs_with_the_smaller_allocator_cache(tiny, tmp_path, mon
 
 def test_nonfinite_batch_skipped_and_counted(tiny, tmp_path):
     def poisoned(model, batch):
-        loss, ntoks = tr.default_loss(model, batch)
+        loss, ntoks = step.default_loss(model, batch)
         bad = mx.array(float("nan")) if poisoned.calls in (2, 3) else mx.array(0.0)
         poisoned.calls += 1
         return loss + bad, ntoks
@@ -214,10 +244,10 @@ def test_nonfinite_batch_skipped_and_counted(tiny, tmp_path):
                        progress=False)
     assert summary["skipped_steps"] == 2
     assert np.isfinite(summary["final"]["val_loss"])
-    with pytest.raises(tr.TrainingError, match="not finite for 3 steps"):
+    with pytest.raises(config.TrainingError, match="not finite for 3 steps"):
         poisoned.calls = -100  # every call poisoned below
         def always_nan(model, batch):
-            loss, ntoks = tr.default_loss(model, batch)
+            loss, ntoks = step.default_loss(model, batch)
             return loss * mx.array(float("nan")), ntoks
         model, processor = load(tiny / "model")
         tr.train(model, processor, load_manifest(tiny / "train.jsonl"), load_manifest(tiny / "val.jsonl"),
@@ -226,11 +256,11 @@ def test_nonfinite_batch_skipped_and_counted(tiny, tmp_path):
 
 
 def test_train_args_tolerant_and_checked():
-    args = tr.TrainArgs.from_dict({"lr": "1e-3", "max-steps": "5", "dora": "true", "unknown": 1,
+    args = config.TrainArgs.from_dict({"lr": "1e-3", "max-steps": "5", "dora": "true", "unknown": 1,
                                    "targets": ["q_proj", "k_proj"]})
     assert args.lr == 1e-3 and args.max_steps == 5 and args.dora and args.targets == "q_proj,k_proj"
-    with pytest.raises(tr.TrainingError, match="schedule"):
-        tr.TrainArgs(schedule="step")
+    with pytest.raises(config.TrainingError, match="schedule"):
+        config.TrainArgs(schedule="step")
 
 
 def test_compiled_step_matches_eager(tiny, tmp_path):
@@ -267,9 +297,9 @@ def test_cli_precedence_cli_over_yaml_over_defaults(tiny, tmp_path, monkeypatch)
     assert result.exit_code == 0, result.output
     args, paths = train_report.resolve_args(seen["cli"], seen["config_file"])
     assert args.lr == 0.02 and args.rank == 16 and args.max_steps == 7  # CLI > YAML
-    assert args.alpha == tr.TrainArgs().alpha and args.targets == "q_proj,v_proj"  # defaults
+    assert args.alpha == config.TrainArgs().alpha and args.targets == "q_proj,v_proj"  # defaults
     assert paths["model"] == "m" and paths["out"] == str(tmp_path / "r")
-    with pytest.raises(tr.TrainingError, match="--val"):
+    with pytest.raises(config.TrainingError, match="--val"):
         train_report.resolve_args({"model": "m", "train": "t", "out": "o"})
 
 
@@ -351,7 +381,7 @@ def test_sigkill_then_resume_matches_uninterrupted(tiny, tmp_path):
     resumed = json.loads((run / "summary.json").read_text())
     model, processor = load(tiny / "model")
     ref = tr.train(model, processor, load_manifest(tiny / "train.jsonl"), load_manifest(tiny / "val.jsonl"),
-                   tr.TrainArgs(**opts), run_dir=tmp_path / "ref", log=lambda m: None, progress=False)
+                   config.TrainArgs(**opts), run_dir=tmp_path / "ref", log=lambda m: None, progress=False)
     assert resumed["steps"] == 40
     assert resumed["final"]["val_loss"] == pytest.approx(ref["final"]["val_loss"], rel=1e-4)
 
@@ -369,8 +399,8 @@ def test_replay_mix_and_augment_are_pure_functions_of_position(tiny):
     replay = [Sample(id=f"r{i}", audio_path=s.audio_path, text=s.text, duration=s.duration)
               for i, s in enumerate(samples * 5)]
     args = _args(batch_size=2, replay_ratio=0.3)
-    a = tr.epoch_batches(samples * 10, args, epoch=1, replay=replay)
-    b = tr.epoch_batches(samples * 10, args, epoch=1, replay=replay)
+    a = batches.epoch_batches(samples * 10, args, epoch=1, replay=replay)
+    b = batches.epoch_batches(samples * 10, args, epoch=1, replay=replay)
     assert [[s.id for s in x] for x in a] == [[s.id for s in x] for x in b]
     rows = [s for x in a for s in x]
     share = sum(s.id.startswith("r") for s in rows) / len(rows)
@@ -398,12 +428,12 @@ def test_grad_accum_equals_one_big_batch(tiny):
         apply_adapters(model, args.adapter_config())
         model.train()
         opt = optim.AdamW(learning_rate=1e-2)
-        stepper = tr.Stepper(model, opt, tr.default_loss, compile=False)
+        stepper = step.Stepper(model, opt, step.default_loss, compile=False)
         if split:
-            batches = [tr.make_batch(samples[:2], processor, args), tr.make_batch(samples[2:], processor, args)]
+            micro = [batches.make_batch(samples[:2], processor, args), batches.make_batch(samples[2:], processor, args)]
         else:
-            batches = [tr.make_batch(samples, processor, args)]
-        loss, ntoks, finite = stepper(batches)
+            micro = [batches.make_batch(samples, processor, args)]
+        loss, ntoks, finite = stepper(micro)
         results.append((loss.item(), ntoks.item(), {k: np.array(v) for k, v in adapter_weights(model).items()}))
     (l1, n1, w1), (l2, n2, w2) = results
     assert n1 == n2 and l1 == pytest.approx(l2, rel=1e-5)
@@ -419,8 +449,8 @@ def test_bucketed_batches_give_the_same_loss(tiny):
     model, processor = load(tiny / "model")
     samples = load_manifest(tiny / "train.jsonl").samples
     for pair in (samples[:2], samples[3:5]):
-        plain = tr.make_batch(pair, processor, _args(compile=False, pad_seconds=0.1))
-        bucketed = tr.make_batch(pair, processor, _args(compile=True, pad_seconds=0.1))
+        plain = batches.make_batch(pair, processor, _args(compile=False, pad_seconds=0.1))
+        bucketed = batches.make_batch(pair, processor, _args(compile=True, pad_seconds=0.1))
         assert bucketed["audio"].shape[1] / 16000 in AUDIO_BUCKETS and bucketed["tokens"].shape[1] in TOKEN_BUCKETS
         assert bucketed["audio"].shape[1] > plain["audio"].shape[1]
         a, b = default_loss(model, plain), default_loss(model, bucketed)
@@ -437,11 +467,11 @@ def test_one_pass_validation_measures_what_the_separate_passes_did(tiny):
     model, processor = load(tiny / "model")
     samples = load_manifest(tiny / "train.jsonl").samples
     args = _args()
-    one = validation_pass(model, processor, samples, tr.default_loss, wer_rows=3, max_len=64)
-    np.testing.assert_allclose(one["loss"], tr.eval_loss(model, processor, samples, args, max_len=64), rtol=1e-5)
-    separate = tr.eval_wer(model, processor, samples[:3], DecodingOptions())
+    one = validation_pass(model, processor, samples, step.default_loss, wer_rows=3, max_len=64)
+    np.testing.assert_allclose(one["loss"], validation.eval_loss(model, processor, samples, args, max_len=64), rtol=1e-5)
+    separate = validation.eval_wer(model, processor, samples[:3], DecodingOptions())
     assert one["wer"]["samples"] == separate["samples"] and one["wer"]["wer"] == separate["wer"]
-    first4 = validation_pass(model, processor, samples, tr.default_loss, loss_rows=4, max_len=64)
-    np.testing.assert_allclose(first4["loss"], tr.eval_loss(model, processor, samples, args, max_batches=2,
+    first4 = validation_pass(model, processor, samples, step.default_loss, loss_rows=4, max_len=64)
+    np.testing.assert_allclose(first4["loss"], validation.eval_loss(model, processor, samples, args, max_batches=2,
                                                             max_len=64), rtol=1e-5)
     assert "wer" not in first4

@@ -4,12 +4,16 @@ padding to few distinct shapes, and the in-RAM cache of frozen encoder outputs.
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, Optional, Sequence
 
 import mlx.core as mx
 import numpy as np
 
+from .. import data as data_lib
 from ..audio import MIN_SAMPLES, SAMPLE_RATE, pad_batch, prepare_audio, resample
+
+if TYPE_CHECKING:
+    from .config import TrainArgs
 
 IGNORE = -100  # label id excluded from the loss (padding)
 AUGMENTS = ("noise", "speed", "timemask")
@@ -165,3 +169,45 @@ def make_batch(samples, processor, args, *, cache: Optional[EncoderCache] = None
     x, lengths = pad_audio(load_clips(samples, processor, kinds, augment_seed, positions), args.pad_seconds, buckets)
     batch["audio"], batch["lengths"] = mx.array(x), mx.array(lengths)
     return batch
+
+
+# -- which rows, in which order -------------------------------------------------------------------
+
+
+def filter_long(samples, max_seconds, name: str, warnings: list) -> list:
+    """The rows of `samples` no longer than `max_seconds` (None: all); what was left out goes to `warnings`."""
+    if max_seconds is None:
+        return list(samples)
+    kept = [s for s in samples if (s.duration or data_lib.sample_duration(s)) <= max_seconds]
+    if len(kept) < len(samples):
+        warnings.append(f"{name}: left out {len(samples) - len(kept)} clips longer than {max_seconds:g} s")
+    if not kept:
+        from .config import TrainingError  # config.py imports this module
+
+        raise TrainingError(f"{name}: every clip is longer than max_seconds={max_seconds:g}; raise --max-seconds "
+                            "(or set max_seconds: null in the -c YAML to keep every clip)")
+    return kept
+
+
+def rows_of(x) -> list:
+    """The samples of a `data.Manifest` or of a list of samples."""
+    return list(x.samples) if hasattr(x, "samples") else list(x)
+
+
+def epoch_batches(samples, args: TrainArgs, epoch: int, iterate_batches=data_lib.iterate_batches,
+                  replay=None) -> list[list]:
+    """The training batches of `epoch`: a pure function of (seed, epoch), replay rows mixed in.
+
+    With replay ratio r, batch k gets round((k+1) * c) - round(k * c) replay rows, c = B * r / (1 - r),
+    so replay rows make up a share r of all rows; which rows is a pure function of (seed, epoch, k).
+    """
+    batches = [list(b) for b in iterate_batches(samples, args.batch_size, shuffle=True, seed=args.seed + epoch)]
+    if replay and args.replay_ratio > 0:
+        import random
+
+        c = args.batch_size * args.replay_ratio / (1 - args.replay_ratio)
+        for k, b in enumerate(batches):
+            n = round((k + 1) * c) - round(k * c)
+            rng = random.Random(f"replay-{args.seed}-{epoch}-{k}")
+            b.extend(rng.sample(replay, min(n, len(replay))))
+    return batches

@@ -329,7 +329,8 @@ def write_report(run: Path, summary: dict, args: TrainArgs, paths: dict, decodin
           f"(validations included) {_hms(summary['train_seconds'])}",
           f"* mean step time {summary.get('step_seconds')} s; peak MLX memory {summary['peak_memory_gb']:.2f} GiB; "
           f"peak RSS {summary['peak_rss_gb']:.2f} GiB; skipped (non-finite) steps {summary['skipped_steps']}",
-          f"* encoder cache: {'on' if summary['encoder_cache'] else 'off'}", ""]
+          f"* encoder cache: {'on' if summary['encoder_cache'] else 'off'}",
+          *_phase_lines(summary.get("phases") or {}, elapsed), ""]
     L += ["## Artefacts", "",
           *[f"* `{run / name}`" for name in ("adapters.safetensors", "adapter_config.json", "best/", "checkpoint/",
                                               "metrics.jsonl", "loss.png", "wer.png", "train_config.json",
@@ -386,6 +387,27 @@ def run_training(cli: dict, *, config_file=None, resume=None, fuse: bool = False
     with run_lock(Path(paths["out"]), "train", log=log):
         return _run_training(args, paths, t0, report_opts, resume=resume, fuse=fuse, decoding=decoding,
                              skip_invalid=skip_invalid, log=log)
+
+
+PHASES = (("teacher", "the base as teacher of the replay rows (transcripts + top-k table; the teacher cache "
+            "keeps them for the next run on this base)"),
+          ("steps", "training steps"),
+          ("new_shape_steps", "steps on a batch shape not seen before (trace, and on the CPU kernel builds)"),
+          ("validation", "validations"),
+          ("checkpoints", "checkpoints and best/"))
+
+
+def _phase_lines(phases: dict, elapsed: float) -> list[str]:
+    """Where the time went, phase by phase (this session; the final evaluation is the rest of the wall time)."""
+    if not phases:
+        return []
+    out = ["* where the time went (this session):"]
+    for key, what in PHASES:
+        if key in phases:
+            secs, n = phases[key]["seconds"], phases[key]["count"]
+            share = f", {100 * secs / elapsed:.0f}% of the wall time" if elapsed > 0 else ""
+            out.append(f"  * {what}: {_hms(secs)} ({n} x {secs / max(n, 1):.2f} s{share})")
+    return out
 
 
 def _run_training(args: TrainArgs, paths: dict, t0: float, report_opts: dict, *, resume, fuse: bool, decoding,

@@ -10,13 +10,19 @@ decoder with the same budgets (the prepared clip lengths).
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 import mlx.core as mx
 import numpy as np
 
+from .. import data as data_lib
 from ..audio import pad_batch
-from .batches import EncoderCache, load_clips, tokenize
+from ..distributed import world as _world
+from .batches import EncoderCache, load_clips, make_batch, tokenize
+from .step import default_loss
+
+if TYPE_CHECKING:
+    from .config import TrainArgs
 
 EVAL_BATCH = 8  # rows per validation batch (no gradients: memory is a few hundred MB at 8 x 12 s)
 
@@ -32,11 +38,10 @@ def validation_pass(model, processor, samples, loss: Callable, *, loss_rows: Opt
 
     Returns:
         {"loss": token-weighted mean loss (nan without loss rows), "tokens": label tokens,
-         "wer": corpus scores of the WER rows as `trainer.eval_wer` gives them (absent when wer_rows is 0)}.
+         "wer": corpus scores of the WER rows as `eval_wer` gives them (absent when wer_rows is 0)}.
     """
     from ..audio import SAMPLE_RATE
     from ..decoding import DecodingOptions, decode_memory
-    from ..distributed import world
     from ..metrics import corpus_scores, score
     from ..transcription import MAX_CHUNK_SECONDS, transcribe_clips
 
@@ -84,7 +89,7 @@ def validation_pass(model, processor, samples, loss: Callable, *, loss_rows: Opt
 
     chunks = [rows[b:b + batch_size] for b in range(0, len(rows), batch_size)]
     total, count, scored = 0.0, 0, []
-    for t, c, sc in world().map_all(chunks, one):  # batches shared out between processes, gathered
+    for t, c, sc in _world().map_all(chunks, one):  # batches shared out between processes, gathered
         total += t
         count += c
         scored += sc
@@ -93,4 +98,50 @@ def validation_pass(model, processor, samples, loss: Callable, *, loss_rows: Opt
         wer = corpus_scores(scored)
         wer["samples"] = sorted(scored, key=lambda r: r["id"])
         out["wer"] = wer
+    return out
+
+
+# -- the same figures one pass at a time (reference for validation_pass; benchmarks) ----------------
+
+
+def eval_loss(model, processor, samples, args: TrainArgs, loss: Callable = default_loss,
+              cache: Optional[EncoderCache] = None, max_batches: int = 0, max_len=None) -> float:
+    """Token-weighted mean loss over `samples` (fixed order; the first `max_batches` batches if > 0).
+
+    Under a launcher the batches are shared out between the processes and their values gathered: the
+    same batches, the same sum in the same order as in one process.
+    """
+    batches = list(data_lib.iterate_batches(samples, args.batch_size, shuffle=False))
+    if max_batches:
+        batches = batches[:max_batches]
+
+    def one(b):
+        value, ntoks = loss(model, make_batch(b, processor, args, cache=cache, max_len=max_len, buckets=False))
+        mx.eval(value, ntoks)
+        return value.item(), ntoks.item()
+
+    total, count = 0.0, 0
+    for value, ntoks in _world().map_all(batches, one):
+        total += value * ntoks
+        count += ntoks
+    return total / max(count, 1)
+
+
+def eval_wer(model, processor, samples, options, batch_size: int = 8) -> dict:
+    """Corpus WER/CER of the transcripts `eval` would write for `samples`: the same `transcribe_clips`
+    (audio pipeline, <= 20 s splitting, length-sorted batches) and the same decoding options."""
+    from ..eval.evaluate import _sample_length
+    from ..metrics import corpus_scores, score
+    from ..transcription import transcribe_clips
+
+    order = sorted(samples, key=_sample_length)  # the batches `eval` decodes: length-sorted groups
+
+    def one(chunk):
+        results = transcribe_clips(model, processor, [s.audio_path for s in chunk], options, batch_size)
+        return [dict(score(s.text, res["text"]), id=s.id) for s, res in zip(chunk, results)]
+
+    chunks = [order[b:b + batch_size] for b in range(0, len(order), batch_size)]
+    rows = [r for part in _world().map_all(chunks, one) for r in part]  # decode batches shared out, gathered
+    out = corpus_scores(rows)
+    out["samples"] = sorted(rows, key=lambda r: r["id"])
     return out
