@@ -104,10 +104,7 @@ def _append_targets(cache: Optional[Path], samples, texts: dict, options) -> Non
 def _from_store(read: Callable, store, todo):
     """Process 0 reads the teacher cache and every process gets its answer (the same work is left on all)."""
     world = _world()
-    if world.size == 1:
-        return read() if store is not None and todo else {}
-    found = read() if world.is_main and store is not None and todo else {}
-    return world.broadcast(found)
+    return world.broadcast(read() if world.is_main and store is not None and todo else {})  # one process: as is
 
 
 def _where(store) -> str:
