@@ -164,3 +164,32 @@ def test_the_teacher_cache_misses_on_other_weights_options_or_audio(tiny_model_d
 
     monkeypatch.setenv(teacher_cache.ENV, "off")
     assert teacher_cache.open_store(model, processor) is None
+
+
+def test_replay_rows_apart_give_the_same_step_as_one_batch(tiny_model_dir, corpus):
+    """Domain rows and replay rows as two micro-batches (the domain part carries no teacher arrays): the same
+    distillation loss, tokens and adapter update as one padded batch of all of them."""
+    import mlx.optimizers as optim
+
+    from mlx_moonshine.adapters.apply import adapter_weights, apply_adapters
+    from mlx_moonshine.train.step import Stepper
+
+    domain = load_manifest(corpus["train"]).samples[:2]
+    _, _, replay, table = _replay_batch(tiny_model_dir, corpus)
+    replay = replay[:2]
+    args = _args()
+    assert table.attach(make_batch(domain, load(tiny_model_dir)[1], args), domain).keys() == \
+        {"tokens", "labels", "audio", "lengths"}  # no row of the table: nothing to attach
+    results = []
+    for parts in ([domain + replay], [domain, replay]):
+        model, processor = load(tiny_model_dir)
+        apply_adapters(model, args.adapter_config())
+        model.train()
+        stepper = Stepper(model, optim.AdamW(learning_rate=1e-2), teach.distill_loss(default_loss, 2.0),
+                          compile=False)
+        loss, ntoks, _ = stepper([table.attach(make_batch(p, processor, args), p) for p in parts])
+        results.append((loss.item(), ntoks.item(), {k: np.array(v) for k, v in adapter_weights(model).items()}))
+    (l1, n1, w1), (l2, n2, w2) = results
+    assert n1 == n2 and l1 == pytest.approx(l2, rel=1e-5)
+    for k in w1:
+        np.testing.assert_allclose(w1[k], w2[k], rtol=1e-4, atol=2e-5)

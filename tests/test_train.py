@@ -415,6 +415,22 @@ def test_replay_mix_and_augment_are_pure_functions_of_position(tiny):
     assert y1.dtype == np.float32 and not np.array_equal(y1[: len(x)], x[: len(y1)])
 
 
+def test_replay_rows_are_a_micro_batch_of_their_own_when_that_saves_padding(tiny):
+    samples = load_manifest(tiny / "train.jsonl").samples  # 0.6 .. 1.1 s
+    long = [Sample(id=f"r{i}", audio_path=s.audio_path, text=s.text, duration=9.0) for i, s in enumerate(samples[:2])]
+    alike = [Sample(id=f"q{i}", audio_path=s.audio_path, text=s.text, duration=s.duration)
+             for i, s in enumerate(samples[:1])]
+    is_replay = lambda s: s.id[0] in "rq"  # noqa: E731
+    rows = samples[:2] + long
+    parts = batches.replay_parts(rows, [0, 2, 4, 6], is_replay)  # positions as a process's shard has them
+    assert [[s.id for s in p] for p, _ in parts] == [["c0", "c1"], ["r0", "r1"]]
+    assert [pos for _, pos in parts] == [[0, 2], [4, 6]]  # augmentation seeds follow the rows
+    # Alike lengths (one 2 s bucket for all): one batch; no replay rows, or only replay rows: one batch.
+    assert len(batches.replay_parts(samples[:2] + alike, [0, 1, 2], is_replay)) == 1
+    assert len(batches.replay_parts(samples[:2], [0, 1], is_replay)) == 1
+    assert len(batches.replay_parts(long, [0, 1], is_replay)) == 1
+
+
 def test_grad_accum_equals_one_big_batch(tiny):
     import mlx.optimizers as optim
 

@@ -4,7 +4,7 @@ padding to few distinct shapes, and the in-RAM cache of frozen encoder outputs.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Optional, Sequence
+from typing import TYPE_CHECKING, Callable, Optional, Sequence
 
 import mlx.core as mx
 import numpy as np
@@ -192,6 +192,25 @@ def filter_long(samples, max_seconds, name: str, warnings: list) -> list:
 def rows_of(x) -> list:
     """The samples of a `data.Manifest` or of a list of samples."""
     return list(x.samples) if hasattr(x, "samples") else list(x)
+
+
+def replay_parts(samples, positions, is_replay: Callable[[object], bool], min_saving: float = 0.1) -> list:
+    """A batch's rows as `[(samples, positions)]`: one part, or its domain rows and its replay rows apart.
+
+    Replay clips (general speech) are often longer than domain clips; padded together every domain row
+    pays for the longest replay clip. Two micro-batches give the same step (gradients are token-weighted
+    sums), so the rows are split when that saves at least `min_saving` of the padded audio (bucketed
+    lengths). Metal prefers one bigger batch, which the threshold keeps where lengths are alike.
+    """
+    replay = [j for j, s in enumerate(samples) if is_replay(s)]
+    if not replay or len(replay) == len(samples):
+        return [(samples, positions)]
+    seconds = [s.duration or data_lib.sample_duration(s) for s in samples]
+    padded = lambda idx: len(idx) * bucket(max(seconds[j] for j in idx), AUDIO_BUCKETS, 5.0)  # noqa: E731
+    domain = [j for j in range(len(samples)) if j not in set(replay)]
+    if padded(domain) + padded(replay) > (1 - min_saving) * padded(range(len(samples))):
+        return [(samples, positions)]
+    return [([samples[j] for j in idx], [positions[j] for j in idx]) for idx in (domain, replay)]
 
 
 def epoch_batches(samples, args: TrainArgs, epoch: int, iterate_batches=data_lib.iterate_batches,

@@ -140,7 +140,10 @@ class TeacherTable:
         return sum(a.nbytes for a in self.ids.values()) + sum(a.nbytes for a in self.probs.values())
 
     def attach(self, batch: dict, samples) -> dict:
-        """Add teacher_ids/teacher_probs (B, L, k) and teacher_mask (B, L) to a training batch."""
+        """Add teacher_ids/teacher_probs (B, L, k) and teacher_mask (B, L) to a training batch; a batch with no
+        row of the table stays as it is (`distill_loss` adds nothing there, so it need not compute a term)."""
+        if not any(s.id in self.ids for s in samples):
+            return batch
         B, L = batch["labels"].shape
         ids = np.zeros((B, L, self.k), np.int32)
         probs = np.zeros((B, L, self.k), np.float32)
