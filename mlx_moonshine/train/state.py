@@ -29,7 +29,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 from ..adapters.apply import BEST, save_adapters
 from ..errors import MoonshineError
 from ..io import (atomic_dir, atomic_path, atomic_save_safetensors, atomic_write_bytes, atomic_write_json,
-                 atomic_write_text, sha256_file, writing)
+                 atomic_write_text, read_jsonl, sha256_file, writing)
 
 CHECKPOINT = "checkpoint"
 STATE_FILE = "state.json"
@@ -128,13 +128,7 @@ class RunWriter:
         self.rows = []
         if resume_step is not None and self.path.exists():
             # Rows after the checkpoint are redone by the resumed run; a torn last line is dropped.
-            for line in self.path.read_text().splitlines():
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError:
-                    continue
-                if row.get("step", 0) <= resume_step:
-                    self.rows.append(row)
+            self.rows = [row for row in read_jsonl(self.path) if row.get("step", 0) <= resume_step]
         atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in self.rows))
 
     def append(self, row: dict) -> None:
