@@ -17,6 +17,7 @@ from typing import Callable, Optional
 from ..errors import MoonshineError
 from ..io import atomic_write_text, run_lock
 from .config import TrainArgs, TrainingError
+from .state import TRAIN_CONFIG, read_train_config
 
 PATH_KEYS = ("model", "train", "val", "heldout", "eval_test", "replay", "canary", "out", "baseline_run")
 # The verdict's thresholds and the report's hypothesis: the user's, from the CLI or YAML (verdict.Thresholds).
@@ -84,13 +85,9 @@ def resolve_args(cli: dict, config_file=None, resume=None, report: Optional[dict
     """
     merged: dict = {}
     if resume is not None:
-        record = Path(resume) / "train_config.json"
-        if not record.is_file():
-            raise TrainingError(f"{resume}: not a training run (no train_config.json); pass the run folder")
-        try:
-            prev = json.loads(record.read_text(encoding="utf-8"))
-        except ValueError as e:
-            raise TrainingError(f"{record}: not valid JSON ({e}); the run cannot be resumed, start a new one") from e
+        prev = read_train_config(resume)
+        if prev is None:
+            raise TrainingError(f"{resume}: not a training run (no {TRAIN_CONFIG}); pass the run folder")
         merged.update(prev.get("train_args", {}))
         merged["model"] = prev.get("model", {}).get("path")
         for name, rec in (prev.get("manifests") or {}).items():
@@ -426,7 +423,7 @@ def _run_training(args: TrainArgs, paths: dict, t0: float, report_opts: dict, *,
     decoding = decoding or DecodingOptions()
     run = Path(paths["out"])
     if resume is not None:
-        recorded = json.loads((Path(resume) / "train_config.json").read_text()).get("decoding")
+        recorded = (read_train_config(resume) or {}).get("decoding")
         if recorded and recorded != decoding.to_dict():
             log(f"warning: decoding options differ from the run's ({recorded}); validation WERs before and "
                 "after the resume are not comparable")
