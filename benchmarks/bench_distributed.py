@@ -37,8 +37,9 @@ def audio_seconds(run: Path, steps: int) -> float:
     from mlx_moonshine.data import load_manifest
     from mlx_moonshine.train.batches import epoch_batches
     from mlx_moonshine.train.config import TrainArgs
+    from mlx_moonshine.train.state import read_train_config
 
-    record = json.loads((run / "train_config.json").read_text())
+    record = read_train_config(run)
     args = TrainArgs.from_dict(record["train_args"])
     samples = [s for s in load_manifest(record["manifests"]["train"]["source"]).samples
                if args.max_seconds is None or (s.duration or 0) <= args.max_seconds]

@@ -301,7 +301,7 @@ def compare_cmd(run_a, run_b, heldout, canary, **kwargs):
 def train_cmd(config_file, resume, fuse, skip_invalid, **kwargs):
     """Train a LoRA/DoRA adapter; write adapters, checkpoints, metrics, plots and report.md into OUT."""
     decoding = _decoding_from_kwargs(kwargs)
-    from .train.report import run_training
+    from .train.run import run_training
 
     kwargs = {k: (str(v) if isinstance(v, Path) else v) for k, v in kwargs.items()}
     result = _run(run_training, kwargs, config_file=config_file, resume=resume, fuse=fuse, decoding=decoding,

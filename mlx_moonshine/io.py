@@ -1,4 +1,4 @@
-"""Atomic file writes, write errors that name the file, run-folder locks, hashing.
+"""Atomic file writes, write errors that name the file, run-folder locks, hashing, appended JSONL read back.
 
 Every file the package writes goes to a temporary file in the destination folder first
 and is then renamed over the target (`os.replace` is atomic on POSIX and Windows), so an
@@ -9,6 +9,9 @@ team sharing a machine can read each other's runs.
 A failed write (disk full, file-size limit, read-only folder; OSError or MLX's RuntimeError)
 becomes an `OutputError` naming the file. A run folder that train or eval writes into is held
 with `run_lock`, so two runs never interleave their rows in one folder.
+
+The files that are appended to a line at a time instead (metrics, the teacher's transcripts) are
+read back with `read_jsonl`, which leaves out the torn line a killed writer leaves.
 """
 
 from __future__ import annotations
@@ -189,6 +192,27 @@ def atomic_save_safetensors(path: Path, arrays: Mapping, metadata: dict[str, str
     # mx.save_safetensors appends ".safetensors" unless the name already ends with it.
     with _atomic_path(path, suffix=".tmp.safetensors") as tmp:
         mx.save_safetensors(str(tmp), dict(arrays), metadata=metadata or {})
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """The JSON objects of a file appended to one line at a time, leaving out every line that is not one.
+
+    A process killed mid-append leaves a torn last line, and the next append glues its first row onto that
+    fragment, so the damage does not stay at the end: lines that are torn, blank, not UTF-8 or not a JSON
+    object are left out wherever they are. For files where a lost row costs a recomputation or a plot
+    point; eval's predictions.jsonl, whose rows are counted, is read strictly (evaluate, compare).
+
+    Lines end at b"\\n" only: `str.splitlines` would also cut at a U+2028 or U+0085 inside a string.
+    """
+    rows = []
+    for line in Path(path).read_bytes().split(b"\n"):
+        try:
+            row = json.loads(line.decode("utf-8"))
+        except ValueError:  # JSONDecodeError, UnicodeDecodeError
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
+    return rows
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:

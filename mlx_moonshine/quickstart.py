@@ -84,7 +84,7 @@ def quickstart(out_dir: str | Path = "runs/quickstart", minutes: float = 12.0, s
     from .eval.evaluate import evaluate, manifest_name
     from .export.peft import export_peft
     from .loading import load
-    from .train.report import run_training
+    from .train.run import run_training
 
     t0 = time.perf_counter()
     out = Path(out_dir)

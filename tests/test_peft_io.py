@@ -119,3 +119,21 @@ def test_verify_without_torch_says_how_to_install(base, tmp_path, monkeypatch):
                                        "--model", str(mlx_dir)])
     assert result.exit_code == 2 and "mlx-moonshine[dev]" in result.output
     assert not (tmp_path / "p").exists()
+
+
+def test_base_model_type_comes_from_the_run_record_first(tmp_path):
+    from mlx_moonshine.export.peft import base_model_type
+
+    run, model = tmp_path / "run", tmp_path / "model"
+    run.mkdir()
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"model_type": "moonshine_streaming"}))
+    assert base_model_type(run) == "moonshine"  # no record, no model folder: the default
+    assert base_model_type(run, model) == "moonshine_streaming"
+    (run / "train_config.json").write_text(json.dumps({"model": {"config": {"model_type": "moonshine_streaming"}}}))
+    assert base_model_type(run) == "moonshine_streaming"
+    (run / "train_config.json").write_text(json.dumps({"model": {"config": {"model_type": "moonshine"}}}))
+    assert base_model_type(run, model) == "moonshine"  # the run's record wins over the folder
+    for damaged in ('{"model": {"conf', "[]", '{"model": null}', '{"model": {"config": {"model_type": "whisper"}}}'):
+        (run / "train_config.json").write_text(damaged)
+        assert base_model_type(run, model) == "moonshine_streaming", damaged

@@ -286,38 +286,39 @@ def test_cli_precedence_cli_over_yaml_over_defaults(tiny, tmp_path, monkeypatch)
     from click.testing import CliRunner
 
     from mlx_moonshine import cli
-    from mlx_moonshine.train import report as train_report
+    from mlx_moonshine.train import run as train_run
+    from mlx_moonshine.train.run_options import resolve_args
 
     seen = {}
-    monkeypatch.setattr(train_report, "run_training", lambda cli_opts, **kw: seen.update(cli=cli_opts, **kw) or
+    monkeypatch.setattr(train_run, "run_training", lambda cli_opts, **kw: seen.update(cli=cli_opts, **kw) or
                         {"decision": {"criteria": [], "lines": []}, "report": "-"})
     cfg = tmp_path / "train.yaml"
     cfg.write_text("lr: 5e-3\nrank: 16\nmax_steps: 7\nmodel: m\ntrain: t.jsonl\nval: v.jsonl\n")
     result = CliRunner().invoke(cli.main, ["train", "-c", str(cfg), "--lr", "0.02", "-o", str(tmp_path / "r")])
     assert result.exit_code == 0, result.output
-    args, paths = train_report.resolve_args(seen["cli"], seen["config_file"])
+    args, paths = resolve_args(seen["cli"], seen["config_file"])
     assert args.lr == 0.02 and args.rank == 16 and args.max_steps == 7  # CLI > YAML
     assert args.alpha == config.TrainArgs().alpha and args.targets == "q_proj,v_proj"  # defaults
     assert paths["model"] == "m" and paths["out"] == str(tmp_path / "r")
     with pytest.raises(config.TrainingError, match="--val"):
-        train_report.resolve_args({"model": "m", "train": "t", "out": "o"})
+        resolve_args({"model": "m", "train": "t", "out": "o"})
 
 
 def test_replay_is_on_by_default_and_can_be_turned_off():
-    from mlx_moonshine.train import report as train_report
+    from mlx_moonshine.train import run_options
 
     base = {"model": "m", "train": "t", "val": "v", "out": "o"}
-    args, paths = train_report.resolve_args(dict(base))
-    assert paths["replay"] == str(train_report.BUILTIN_REPLAY) and args.replay_ratio == train_report.DEFAULT_REPLAY_RATIO == 0.5
-    assert load_manifest(train_report.BUILTIN_REPLAY).samples  # ships with the package and loads
-    args, paths = train_report.resolve_args(dict(base, replay="none"))
+    args, paths = run_options.resolve_args(dict(base))
+    assert paths["replay"] == str(run_options.BUILTIN_REPLAY) and args.replay_ratio == run_options.DEFAULT_REPLAY_RATIO == 0.5
+    assert load_manifest(run_options.BUILTIN_REPLAY).samples  # ships with the package and loads
+    args, paths = run_options.resolve_args(dict(base, replay="none"))
     assert paths["replay"] is None and args.replay_ratio == 0.0
-    args, paths = train_report.resolve_args(dict(base, replay_ratio=0.0))
+    args, paths = run_options.resolve_args(dict(base, replay_ratio=0.0))
     assert paths["replay"] is None and args.replay_ratio == 0.0
-    args, paths = train_report.resolve_args(dict(base, replay="my.jsonl"))
+    args, paths = run_options.resolve_args(dict(base, replay="my.jsonl"))
     assert paths["replay"] == "my.jsonl" and args.replay_ratio == 0.5
-    args, paths = train_report.resolve_args(dict(base, replay_ratio=0.25))
-    assert paths["replay"] == str(train_report.BUILTIN_REPLAY) and args.replay_ratio == 0.25
+    args, paths = run_options.resolve_args(dict(base, replay_ratio=0.25))
+    assert paths["replay"] == str(run_options.BUILTIN_REPLAY) and args.replay_ratio == 0.25
 
 
 def test_bad_manifest_is_a_clear_cli_error(tiny, tmp_path):
@@ -333,7 +334,7 @@ def test_bad_manifest_is_a_clear_cli_error(tiny, tmp_path):
 
 
 def test_run_training_report_and_fuse(tiny, tmp_path):
-    from mlx_moonshine.train.report import run_training
+    from mlx_moonshine.train.run import run_training
 
     cfg = tmp_path / "t.yaml"
     cfg.write_text("compile: false\npad_seconds: 2.0\nval_wer_samples: 2\nmax_seconds: null\nrank: 4\n")

@@ -36,6 +36,7 @@ from ..adapters.dora import DoRALinear
 from ..errors import ModelError
 from ..io import atomic_dir, atomic_save_safetensors, atomic_write_json, prepare_out_dir
 from ..adapters.lora import LoRALinear
+from ..train.state import CheckpointError, read_train_config
 
 PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
@@ -133,17 +134,15 @@ BASE_CLASSES = {
 
 def base_model_type(adapter_dir_or_run: PathLike, model_dir: Optional[PathLike] = None,
                     base_model_name_or_path: Optional[str] = None) -> str:
-    """The base's model_type: from the model folder, else the run's train_config.json, else a local
+    """The base's model_type: from the run's train_config.json, else the model folder, else a local
     base_model_name_or_path; "moonshine" when none says."""
+    try:
+        model_type = (read_train_config(adapter_dir_or_run) or {})["model"]["config"]["model_type"]
+    except (CheckpointError, KeyError, TypeError):  # an adapter folder, or a record without it
+        model_type = None
+    if model_type in BASE_CLASSES:
+        return model_type
     candidates = [Path(model_dir) / "config.json"] if model_dir is not None else []
-    run_config = Path(adapter_dir_or_run) / "train_config.json"
-    if run_config.is_file():
-        try:
-            model_type = json.loads(run_config.read_text())["model"]["config"]["model_type"]
-            if model_type in BASE_CLASSES:
-                return model_type
-        except (ValueError, KeyError, TypeError):
-            pass
     if base_model_name_or_path:
         candidates.append(Path(base_model_name_or_path) / "config.json")
     for f in candidates:

@@ -1,1 +1,1 @@
-"""Training: the loop, its step and batches, replay and the base model as teacher, validation, checkpoints, the run report."""
+"""Training: a run's options, the loop, its step and batches, replay and the base model as teacher, validation, checkpoints, the final evaluation and the run report."""

@@ -29,15 +29,16 @@ from mlx.utils import tree_flatten, tree_unflatten
 from ..adapters.apply import BEST, save_adapters
 from ..errors import MoonshineError
 from ..io import (atomic_dir, atomic_path, atomic_save_safetensors, atomic_write_bytes, atomic_write_json,
-                 atomic_write_text, sha256_file, writing)
+                 atomic_write_text, read_jsonl, sha256_file, writing)
 
 CHECKPOINT = "checkpoint"
 STATE_FILE = "state.json"
 METRICS = "metrics.jsonl"
+TRAIN_CONFIG = "train_config.json"
 
 
 class CheckpointError(MoonshineError):
-    """A checkpoint that cannot be read back."""
+    """A checkpoint, or the run's train_config.json, that cannot be read back."""
 
 
 @dataclass
@@ -128,13 +129,7 @@ class RunWriter:
         self.rows = []
         if resume_step is not None and self.path.exists():
             # Rows after the checkpoint are redone by the resumed run; a torn last line is dropped.
-            for line in self.path.read_text().splitlines():
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError:
-                    continue
-                if row.get("step", 0) <= resume_step:
-                    self.rows.append(row)
+            self.rows = [row for row in read_jsonl(self.path) if row.get("step", 0) <= resume_step]
         atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in self.rows))
 
     def append(self, row: dict) -> None:
@@ -222,9 +217,7 @@ def write_run_files(run: Path, model, processor, args, config, decoding, train_s
     for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
         if (model_dir / name).is_file():
             atomic_write_bytes(run / name, (model_dir / name).read_bytes())
-    previous = {}
-    if (run / "train_config.json").is_file():
-        previous = json.loads((run / "train_config.json").read_text())
+    previous = read_train_config(run) or {}
     record = dict(
         train_args=args.to_dict(), adapter=config.to_dict(), decoding=decoding.to_dict(),
         audio_normalization=processor.audio.to_dict(), text_normalizer=DEFAULT_NORMALIZER.to_dict(),
@@ -235,7 +228,26 @@ def write_run_files(run: Path, model, processor, args, config, decoding, train_s
         started=previous.get("started") or time.strftime("%Y-%m-%dT%H:%M:%S"),
         resumed=[*previous.get("resumed", []), time.strftime("%Y-%m-%dT%H:%M:%S")] if previous else [],
         **extra)
-    atomic_write_json(run / "train_config.json", record)
+    atomic_write_json(run / TRAIN_CONFIG, record)
+
+
+def read_train_config(run: Path) -> Optional[dict]:
+    """RUN/train_config.json as `write_run_files` wrote it, or None when `run` holds none.
+
+    Raises:
+        CheckpointError: the file is there but not a JSON object.
+    """
+    path = Path(run) / TRAIN_CONFIG
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as e:  # also: not UTF-8
+        raise CheckpointError(f"{path}: not valid JSON ({e}); the run cannot be resumed, start a new one") from e
+    if not isinstance(record, dict):
+        raise CheckpointError(f"{path}: not a training run's record (a JSON object); the run cannot be resumed, "
+                              "start a new one")
+    return record
 
 
 def write_summary(run: Path, summary: dict) -> None:

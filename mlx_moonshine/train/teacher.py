@@ -32,6 +32,7 @@ import mlx.core as mx
 import numpy as np
 
 from ..distributed import world as _world
+from ..io import read_jsonl
 from .batches import IGNORE, make_batch
 
 TARGETS_FILE = "replay_targets.jsonl"
@@ -60,11 +61,7 @@ def base_targets(model, processor, samples, options, run_dir: Optional[Path], st
     cache = Path(run_dir) / TARGETS_FILE if run_dir is not None else None
     known: dict[str, str] = {}
     if cache is not None and cache.is_file():
-        for line in cache.read_text(encoding="utf-8").splitlines():
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a torn last line
+        for row in read_jsonl(cache):  # without the torn line of a run killed mid-append
             if row.get("decoding") == options.to_dict():
                 known[row["id"]] = row["text"]
     todo = [s for s in samples if s.id not in known]

@@ -30,7 +30,7 @@ import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten
 
-from ..io import atomic_write_bytes, sha256_file
+from ..io import atomic_write_bytes, read_jsonl, sha256_file
 
 ENV = "MLX_MOONSHINE_TEACHER_CACHE"
 
@@ -83,11 +83,7 @@ class TeacherStore:
         if not path.is_file():
             return {}
         known = {}
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a torn last line from a run that was killed while appending
+        for row in read_jsonl(path):  # without the torn line of a run killed while appending
             if row.get("decoding") == decoding:
                 known[row["clip"]] = row["text"]
         out = {}
