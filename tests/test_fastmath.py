@@ -33,3 +33,24 @@ def test_extreme_inputs_stay_finite():
         out = np.array(fast(x))
         assert np.isfinite(out).all()
         np.testing.assert_allclose(out, np.array(exact(x)), atol=1e-5)
+
+
+@pytest.mark.parametrize("K,N,blocked", [(416, 32768, True), (416, 3328, True), (288, 2304, False), (300, 7001, False)])
+def test_one_and_two_row_products_of_big_weights_go_block_by_block(K, N, blocked):
+    """Past OpenBLAS's small-matrix size a one-row product packs the whole weight first: big weights are cut
+    into column blocks for one or two rows, the same product up to float rounding; more rows, small weights,
+    widths no block divides, and MLX's exact ops (Metal) keep the plain product."""
+    w_t = mx.random.normal((K, N), key=mx.random.key(K + N)) / K ** 0.5
+    for rows in (1, 2, 3):
+        t = fastmath.TransposedCopy()
+        t.weight_t = w_t
+        x = mx.random.normal((rows, 1, K), key=mx.random.key(rows))
+        y = fastmath.rows_product(x, t)
+        assert y.shape == (rows, 1, N)
+        assert (t.blocks is not None) == (blocked and rows <= 2)
+        np.testing.assert_allclose(np.array(y), np.array(x @ w_t), rtol=1e-5, atol=1e-5)
+        with fastmath.exact_ops():
+            plain = fastmath.TransposedCopy()
+            plain.weight_t = w_t
+            assert np.array_equal(np.array(fastmath.rows_product(x, plain)), np.array(x @ w_t))
+            assert plain.blocks is None

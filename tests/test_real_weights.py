@@ -56,6 +56,20 @@ def hf_greedy(ref, audio):
     return [t for t in out[0].tolist()[1:] if t != 2]
 
 
+def test_batch_whose_rows_leave_equals_each_clip_alone_without_blocked_products(models, voice_assets, monkeypatch):
+    """Decoding 3 clips together (rows leave as they finish: compiled steps for 3, 2 and 1 rows, the blocked
+    one- and two-row head products first built inside a trace) gives each clip's tokens decoded alone with
+    the plain products (fastmath's blocks off)."""
+    from mlx_moonshine.models import fastmath
+
+    _, model, processor = models
+    clips = [p[0][: 16000 * s] for p, s in zip((pieces(voice_assets, n) for n in CLIPS), (9, 4, 6))]
+    together = [r.tokens for r in decode_batch(model, processor, clips)]
+    monkeypatch.setattr(fastmath, "_BLOCK_ROWS", 0)  # read at every call: the eager steps take the plain product
+    plain = [decode_batch(model, processor, [c], compile=False)[0].tokens for c in clips]
+    assert together == plain and all(together)
+
+
 @pytest.mark.parametrize("name", CLIPS)
 def test_greedy_tokens_match_transformers(models, voice_assets, name):
     ref, model, processor = models

@@ -179,11 +179,43 @@ def _tanh_vjp(primals, cotangent, output):
     return (_tanh_grad_c(output, cotangent),)
 
 
+# OpenBLAS (x86) multiplies a product of up to ~1e6 multiply-adds with its small-matrix kernel; past that it
+# first packs the whole weight into its own layout, on every call. For one decoding row that packing is most
+# of the work (benchmarks/profile_cpu.py: sgemm_itcopy), so big weights are cut into column blocks under it.
+_SMALL_GEMM = 1_000_000
+_BLOCKS = (1024, 512, 256)  # columns per block: the widest that divides N and keeps K x block under _SMALL_GEMM
+_BLOCK_ROWS = 2  # up to this many rows the blocks win (5.4 vs 9 ms for base's head at one row here)
+
+
+def _block_width(K: int, N: int) -> int:
+    """Columns per block for a (K, N) weight, or 0: small enough as it is, or no width fits."""
+    if K * N <= _SMALL_GEMM:
+        return 0
+    return next((c for c in _BLOCKS if N % c == 0 and K * c <= _SMALL_GEMM), 0)
+
+
 class TransposedCopy:
-    """A contiguous W^T kept beside an nn.Linear (a plain object: not a parameter, never saved)."""
+    """A contiguous W^T kept beside an nn.Linear (a plain object: not a parameter, never saved), and for
+    big weights the same columns as blocks (N / c, K, c) for one- or two-row products."""
 
     source = None
     weight_t = None
+    blocks = None
+
+
+def rows_product(x: mx.array, t: TransposedCopy) -> mx.array:
+    """`x @ t.weight_t`; for one or two rows of a big weight on the CPU, one batched product of small blocks.
+
+    The blocks are built on first use, which must be outside a compiled trace (decoding's first step is eager).
+    """
+    K, N = t.weight_t.shape
+    c = _block_width(K, N)
+    if x.size > _BLOCK_ROWS * K or not c or not use_fast_cpu_ops():
+        return x @ t.weight_t
+    if t.blocks is None:
+        t.blocks = mx.contiguous(t.weight_t.reshape(K, N // c, c).transpose(1, 0, 2))
+    y = x.reshape(-1, K) @ t.blocks  # (N / c, rows, c)
+    return y.transpose(1, 0, 2).reshape(*x.shape[:-1], N)
 
 
 def linear(layer: nn.Module, x: mx.array) -> mx.array:
@@ -203,5 +235,5 @@ def linear(layer: nn.Module, x: mx.array) -> mx.array:
         t = TransposedCopy()
         t.source, t.weight_t = layer.weight, mx.contiguous(layer.weight.T)
         layer._transposed = t
-    y = x @ t.weight_t
+    y = rows_product(x, t)
     return y + layer.bias if "bias" in layer else y

@@ -33,8 +33,8 @@ def tied_logits(owner: nn.Module, embed: nn.Embedding, hidden: mx.array) -> mx.a
     if head is None:
         head = owner._head_t = TransposedCopy()
     if head.source is not embed.weight:
-        head.source, head.weight_t = embed.weight, mx.contiguous(embed.weight.T)
-    return hidden @ head.weight_t
+        head.source, head.weight_t, head.blocks = embed.weight, mx.contiguous(embed.weight.T), None
+    return fastmath.rows_product(hidden, head)
 
 
 def gelu(x: mx.array) -> mx.array:

@@ -1,0 +1,278 @@
+"""Where the CPU time of a warm training step or decoder token goes, by kind of work and by thread (Linux perf).
+
+    python benchmarks/profile_cpu.py --model BASE_MLX_DIR --hf BASE_HF_DIR [--steps 8] [--out F.json]
+
+Three profiles, each in its own process under `perf record` (cpu-clock sampling, every thread), recording only
+the timed part (a control FIFO switches sampling on after the warm-up and off after the last step):
+  * mlx-moonshine's training step as bench_train.py runs it: Moonshine base, batch 2 of the same ATC clips
+    (one batch shape, so a compiled, warm step), LoRA r=8 on every q/v, AdamW;
+  * PyTorch + PEFT's step on the same batch (without the OpenBLAS preload, as bench_train runs it);
+  * mlx-moonshine's compiled per-token decoder step on beckett.wav (greedy, the transcribe path).
+
+Each sample is put in one bucket: matrix products (OpenBLAS/MKL/oneDNN GEMM), MLX's fused kernels (what
+mx.compile builds, in MLX's kernel cache), MLX's own primitives (element-wise, copies, reductions, softmax,
+gathers: MLX's CPU backend runs these on one thread), PyTorch's other kernels, the Python interpreter, the OS
+kernel (page faults, zeroing) and the rest. "busy cores" = CPU seconds / wall seconds: 2.0 means both cores
+of this VM worked the whole step. The floor it proves: the single-threaded buckets cannot get shorter by
+spreading onto the second core, which is what PyTorch's kernels do.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+FREQ = 999  # samples per second per thread
+# Where MLX's CPU backend keeps the shared libraries mx.compile builds (one per fused kernel).
+KERNEL_CACHE = os.path.join(tempfile.gettempdir(), "mlx") + os.sep
+BUCKETS = ("matrix products (GEMM)", "MLX fused kernels (mx.compile)", "MLX primitives (element-wise, copies, ...)",
+           "PyTorch other kernels", "OpenMP/thread pool waiting", "Python interpreter", "OS kernel",
+           "C library (memcpy, malloc)", "other")
+
+
+def bucket_of(dso: str, sym: str) -> str:
+    d, s = dso.lower(), sym.lower()
+    if "openblas" in d or "mkl" in d or "gemm" in s or "dnnl" in s or "sgemv" in s:
+        return BUCKETS[0]
+    if KERNEL_CACHE and d.startswith(KERNEL_CACHE):
+        return BUCKETS[1]
+    if "libmlx" in d or "core.cpython" in d:
+        return BUCKETS[2]
+    if "gomp" in d or "omp" in d or "sched_yield" in s or "futex" in s:
+        return BUCKETS[4]
+    if "libtorch" in d or "libc10" in d:
+        return BUCKETS[3]
+    if "libpython" in d or d.endswith("python3.11") or "python" in Path(d).name:
+        return BUCKETS[5]
+    if "kernel" in d:
+        return BUCKETS[6]
+    if "libc.so" in d or "libc-" in d or "libstdc++" in d or "ld-linux" in d or "libm.so" in d:
+        return BUCKETS[7]
+    return BUCKETS[8]
+
+
+# -- the workloads (child processes) ----------------------------------------------------------------
+
+
+class Sampling:
+    """Switch perf's sampling on and off through its control FIFO (a no-op when not under perf)."""
+
+    def __init__(self):
+        ctl, ack = os.environ.get("PROFILE_CTL"), os.environ.get("PROFILE_ACK")
+        self.ctl = open(ctl, "w") if ctl else None
+        self.ack = open(ack) if ack else None
+
+    def _send(self, cmd: str) -> None:
+        if self.ctl is not None:
+            self.ctl.write(cmd + "\n")
+            self.ctl.flush()
+            self.ack.readline()
+
+    def __enter__(self):
+        self._send("enable")
+        self.t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        self.wall = time.perf_counter() - self.t0
+        self._send("disable")
+
+
+def mlx_train(args) -> dict:
+    import mlx_moonshine  # noqa: F401  (preloads OpenBLAS before mlx)
+    import mlx.core as mx
+    import mlx.optimizers as optim
+
+    from mlx_moonshine.adapters.apply import AdapterConfig, apply_adapters
+    from mlx_moonshine.data import load_manifest
+    from mlx_moonshine.loading import load
+    from mlx_moonshine.models import fastmath
+    from mlx_moonshine.train.batches import make_batch
+    from mlx_moonshine.train.config import TrainArgs
+    from mlx_moonshine.train.step import Stepper, default_loss
+
+    model, processor = load(args.model)
+    apply_adapters(model, AdapterConfig(kind="lora", r=8, alpha=16.0, dropout=0.0, targets=["q_proj", "v_proj"]))
+    model.train()
+    fastmath.training_cpu_cache()
+    batch = make_batch(load_manifest(args.manifest).samples[:2], processor, TrainArgs(batch_size=2))
+    stepper = Stepper(model, optim.AdamW(learning_rate=1e-3), default_loss, compile=True)
+    for _ in range(3):  # trace, kernel builds, allocator warm
+        stepper([batch])
+    with Sampling() as s:
+        for _ in range(args.steps):
+            stepper([batch])
+    return {"unit": "step", "n": args.steps, "wall_s": s.wall, "audio_s": float(batch["lengths"].sum()) / 16000}
+
+
+def torch_train(args) -> dict:
+    import numpy as np
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import MoonshineForConditionalGeneration
+
+    from mlx_moonshine.audio import AudioConfig, pad_batch, prepare_audio
+    from mlx_moonshine.data import load_manifest
+    from mlx_moonshine.tokenizer import Tokenizer
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    model = MoonshineForConditionalGeneration.from_pretrained(args.hf, dtype=torch.float32)
+    names = [n for n, _ in model.named_modules() if n.endswith(("q_proj", "v_proj"))]
+    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=names))
+    model.train()
+    samples = load_manifest(args.manifest).samples[:2]
+    tok = Tokenizer(Path(args.hf) / "tokenizer.json")
+    x, lengths = pad_batch([prepare_audio(s.audio_path, AudioConfig()) for s in samples])
+    ids = [tok.encode(s.text) for s in samples]
+    L = max(len(i) for i in ids) + 1
+    dec, lab = np.full((2, L), tok.eos_id), np.full((2, L), -100)
+    for j, i in enumerate(ids):
+        dec[j, : len(i) + 1], lab[j, : len(i) + 1] = [tok.bos_id] + i, i + [tok.eos_id]
+    mask = torch.from_numpy((np.arange(x.shape[1])[None] < lengths[:, None]).astype(np.int64))
+    x, dec, lab = torch.from_numpy(x), torch.from_numpy(dec), torch.from_numpy(lab)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+
+    def step():
+        logits = model(input_values=x, attention_mask=mask, decoder_input_ids=dec).logits
+        torch.nn.functional.cross_entropy(logits.flatten(0, 1), lab.flatten(), ignore_index=-100).backward()
+        opt.step()
+        opt.zero_grad()
+
+    for _ in range(3):
+        step()
+    with Sampling() as s:
+        for _ in range(args.steps):
+            step()
+    return {"unit": "step", "n": args.steps, "wall_s": s.wall, "audio_s": float(lengths.sum()) / 16000}
+
+
+def mlx_decode(args) -> dict:
+    import mlx_moonshine  # noqa: F401
+    from mlx_moonshine.audio import prepare_audio
+    from mlx_moonshine.decoding import DecodingOptions, decode_batch
+    from mlx_moonshine.loading import load
+
+    model, processor = load(args.model)
+    x = prepare_audio(args.audio, processor.audio)
+    options = DecodingOptions()
+    decode_batch(model, processor, [x], options)  # traces the step, builds the kernels
+    import mlx.core as mx
+
+    memory, _ = model.encode(mx.array(x[None]), None)
+    mx.eval(memory)
+    from mlx_moonshine.decoding import decode_memory
+    import numpy as np
+
+    tokens = 0
+    with Sampling() as s:
+        for _ in range(args.steps):
+            out = decode_memory(model, processor, memory, None, np.array([len(x)]), options)
+            tokens += len(out[0].tokens) + 1  # + the step that emitted </s>
+    return {"unit": "token", "n": tokens, "wall_s": s.wall, "text": out[0].text}
+
+
+WORKLOADS = {"mlx-moonshine train step": mlx_train, "PyTorch+PEFT train step": torch_train,
+             "mlx-moonshine decoder token": mlx_decode}
+
+
+# -- the parent: perf record, then buckets ------------------------------------------------------------
+
+
+def profile(args, name: str, tmp: Path) -> dict:
+    ctl, ack, data, result = tmp / "ctl", tmp / "ack", tmp / "perf.data", tmp / "result.json"
+    for f in (ctl, ack):
+        f.unlink(missing_ok=True)
+        os.mkfifo(f)
+    env = dict(os.environ, PROFILE_CTL=str(ctl), PROFILE_ACK=str(ack))
+    if name.startswith("PyTorch"):
+        from mlx_moonshine._blas import ENV_DISABLE
+
+        env[ENV_DISABLE] = "1"  # as bench_train runs PyTorch: its own BLAS
+    cmd = ["perf", "record", "-q", "-F", str(FREQ), "-D", "-1", "--control", f"fifo:{ctl},{ack}", "-o", str(data),
+           "--", sys.executable, __file__, "--child", name, "--result", str(result),
+           "--model", args.model, "--hf", args.hf, "--manifest", args.manifest, "--audio", args.audio,
+           "--steps", str(args.steps if "train" in name else max(args.steps // 4, 1))]
+    subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL)
+    out = json.loads(result.read_text())
+    script = subprocess.run(["perf", "script", "-i", str(data), "-F", "tid,ip,sym,dso"], capture_output=True,
+                            text=True, check=True).stdout
+    by_bucket, by_thread, top = Counter(), Counter(), Counter()
+    for line in script.splitlines():
+        parts = line.split()
+        if not parts:
+            continue
+        tid = parts[0]  # tid, ip, symbol (may hold spaces), (dso)
+        dso = parts[-1].strip("()") if parts[-1].startswith("(") else "?"
+        sym = " ".join(parts[2:-1]) if len(parts) > 3 else "?"
+        b = bucket_of(dso, sym)
+        by_bucket[b] += 1
+        by_thread[tid] += 1
+        top[(b, Path(dso).name, sym[:60])] += 1
+    cpu_s = sum(by_bucket.values()) / FREQ
+    per = out["wall_s"] / out["n"]
+    rows = {b: round(by_bucket[b] / FREQ / out["n"] * 1000, 2) for b in BUCKETS if by_bucket[b]}
+    busiest = by_thread.most_common(1)[0][1] / FREQ if by_thread else 0.0
+    return dict(out, wall_ms_per_unit=round(1000 * per, 2), cpu_ms_per_unit=rows,
+                busy_cores=round(cpu_s / out["wall_s"], 2), threads=len(by_thread),
+                busiest_thread_ms_per_unit=round(1000 * busiest / out["n"], 2),
+                top=[dict(bucket=b, dso=d, symbol=s, ms_per_unit=round(c / FREQ / out["n"] * 1000, 2))
+                     for (b, d, s), c in top.most_common(12)])
+
+
+def print_profile(name: str, r: dict) -> None:
+    print(f"\n## {name}: {r['wall_ms_per_unit']:.1f} ms per {r['unit']} (wall), {r['busy_cores']:.2f} busy cores, "
+          f"busiest thread {r['busiest_thread_ms_per_unit']:.1f} ms\n")
+    print(f"| where (CPU ms per {r['unit']}, all threads) | ms | share |\n|---|---|---|")
+    total = sum(r["cpu_ms_per_unit"].values())
+    for b, ms in sorted(r["cpu_ms_per_unit"].items(), key=lambda kv: -kv[1]):
+        print(f"| {b} | {ms:.1f} | {100 * ms / total:.0f}% |")
+    print("\ntop symbols: " + "; ".join(f"{t['symbol'] or t['dso']} ({t['dso']}) {t['ms_per_unit']:.1f} ms"
+                                        for t in r["top"][:6]))
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", required=True, help="mlx-moonshine base folder (from `convert`)")
+    ap.add_argument("--hf", required=True, help="the same weights as a Hugging Face checkpoint folder")
+    ap.add_argument("--manifest", default=str(HERE.parent / "examples/atc/domain_train.jsonl"))
+    ap.add_argument("--audio", default=None, help="decoder clip (default: moonshine-voice's beckett.wav)")
+    ap.add_argument("--steps", type=int, default=8, help="timed training steps (decoder: steps/4 transcripts)")
+    ap.add_argument("--only", choices=list(WORKLOADS), action="append")
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--child", choices=list(WORKLOADS), help=argparse.SUPPRESS)
+    ap.add_argument("--result", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        Path(args.result).write_text(json.dumps(WORKLOADS[args.child](args)))
+        return
+    if shutil.which("perf") is None:
+        sys.exit("needs Linux perf (Debian: apt-get install linux-perf)")
+    if args.audio is None:
+        import importlib.util
+
+        spec = importlib.util.find_spec("moonshine_voice")
+        if spec is None:
+            sys.exit("no --audio and moonshine-voice is not installed (pip install moonshine-voice)")
+        args.audio = str(Path(spec.origin).parent / "assets" / "beckett.wav")
+    results = {"load_average": os.getloadavg()[0]}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.only or WORKLOADS:
+            results[name] = profile(args, name, Path(tmp))
+            print_profile(name, results[name])
+    results["load_average_after"] = os.getloadavg()[0]
+    print(f"\nload average {results['load_average']:.2f} -> {results['load_average_after']:.2f}")
+    if args.out:
+        Path(args.out).write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
