@@ -96,8 +96,11 @@ def main():
                           learning_rate=args.lr, warmup_steps=0, logging_steps=10, output_dir=str(args.out) + ".d")
     trainer = STTSFTTrainer(model=model, processor=processor, data_collator=collator, train_dataset=rows,
                             args=config)
+    from profile_cpu import Sampling  # perf's sampling switch (profile_cpu.py); a no-op otherwise
+
     t = time.perf_counter()
-    trainer.train()
+    with Sampling():
+        trainer.train()
     wall = time.perf_counter() - t
 
     # Fuse and hand back only the adapted q/v weights, named as in the HF checkpoint (model.<path>).

@@ -1,20 +1,26 @@
-"""Where the CPU time of a warm training step or decoder token goes, by kind of work and by thread (Linux perf).
+"""Where the CPU time of a warm training step, a decoder token or a training race goes, by kind of work and by
+thread (Linux perf).
 
-    python benchmarks/profile_cpu.py --model BASE_MLX_DIR --hf BASE_HF_DIR [--steps 8] [--out F.json]
+    python benchmarks/profile_cpu.py --model BASE_MLX_DIR --hf BASE_HF_DIR [--mlxtune-python VENV/bin/python] \
+        [--out F.json]
 
-Three profiles, each in its own process under `perf record` (cpu-clock sampling, every thread), recording only
+Each profile runs in its own process under `perf record` (cpu-clock sampling, every thread) and records only
 the timed part (a control FIFO switches sampling on after the warm-up and off after the last step):
-  * mlx-moonshine's training step as bench_train.py runs it: Moonshine base, batch 2 of the same ATC clips
-    (one batch shape, so a compiled, warm step), LoRA r=8 on every q/v, AdamW;
+  * mlx-moonshine's training step: Moonshine base, batch 2 of the same ATC clips (one batch shape, so a
+    compiled, warm step), LoRA r=8 on every q/v, AdamW;
   * PyTorch + PEFT's step on the same batch (without the OpenBLAS preload, as bench_train runs it);
-  * mlx-moonshine's compiled per-token decoder step on beckett.wav (greedy, the transcribe path).
+  * mlx-moonshine's compiled per-token decoder step on beckett.wav (greedy, the transcribe path);
+  * bench_train's race, both sides with their kernel caches warm (a first, unrecorded run builds them): our
+    trainer's step over the first --race-rows rows once each at batch 1, and with --mlxtune-python mlx-tune
+    0.6.0's own trainer on the same prepared clips (benchmarks/mlxtune_child.py, its own venv).
 
-Each sample is put in one bucket: matrix products (OpenBLAS/MKL/oneDNN GEMM), MLX's fused kernels (what
-mx.compile builds, in MLX's kernel cache), MLX's own primitives (element-wise, copies, reductions, softmax,
-gathers: MLX's CPU backend runs these on one thread), PyTorch's other kernels, the Python interpreter, the OS
-kernel (page faults, zeroing) and the rest. "busy cores" = CPU seconds / wall seconds: 2.0 means both cores
-of this VM worked the whole step. The floor it proves: the single-threaded buckets cannot get shorter by
-spreading onto the second core, which is what PyTorch's kernels do.
+Each sample is put in one bucket: matrix products (OpenBLAS/MKL GEMM), MLX's fused kernels (what mx.compile
+builds, in MLX's kernel cache), MLX's own primitives (element-wise, copies, reductions, softmax, gathers: MLX's
+CPU backend runs these on one thread), PyTorch's other kernels, waiting threads, the Python interpreter, the
+OS kernel and the rest. "busy cores" = CPU seconds / wall seconds: 2.0 means both cores of this VM worked the
+whole time. What it proves: the GEMMs cost the same in every engine here (same OpenBLAS, or MKL at the same
+speed), so no engine can beat another by more than the other's non-GEMM time allows; and the single-threaded
+buckets cannot shrink by spreading onto the second core, which is what PyTorch's kernels do.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -32,8 +39,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 FREQ = 999  # samples per second per thread
-# Where MLX's CPU backend keeps the shared libraries mx.compile builds (one per fused kernel).
-KERNEL_CACHE = os.path.join(tempfile.gettempdir(), "mlx") + os.sep
+# Where MLX's CPU backend keeps the shared libraries mx.compile builds (one per fused kernel): $TMPDIR/mlx/<version>/cpu.
+KERNEL_CACHE = re.compile(r"/mlx/[0-9][^/]*/cpu/")
 BUCKETS = ("matrix products (GEMM)", "MLX fused kernels (mx.compile)", "MLX primitives (element-wise, copies, ...)",
            "PyTorch other kernels", "OpenMP/thread pool waiting", "Python interpreter", "OS kernel",
            "C library (memcpy, malloc)", "other")
@@ -43,7 +50,7 @@ def bucket_of(dso: str, sym: str) -> str:
     d, s = dso.lower(), sym.lower()
     if "openblas" in d or "mkl" in d or "gemm" in s or "dnnl" in s or "sgemv" in s:
         return BUCKETS[0]
-    if KERNEL_CACHE and d.startswith(KERNEL_CACHE):
+    if KERNEL_CACHE.search(dso):
         return BUCKETS[1]
     if "libmlx" in d or "core.cpython" in d:
         return BUCKETS[2]
@@ -53,7 +60,7 @@ def bucket_of(dso: str, sym: str) -> str:
         return BUCKETS[3]
     if "libpython" in d or d.endswith("python3.11") or "python" in Path(d).name:
         return BUCKETS[5]
-    if "kernel" in d:
+    if d == "[kernel.kallsyms]":
         return BUCKETS[6]
     if "libc.so" in d or "libc-" in d or "libstdc++" in d or "ld-linux" in d or "libm.so" in d:
         return BUCKETS[7]
@@ -179,11 +186,60 @@ def mlx_decode(args) -> dict:
     return {"unit": "token", "n": tokens, "wall_s": s.wall, "text": out[0].text}
 
 
+def mlx_race(args) -> dict:
+    """Our side of bench_train's race (the same rows once each, batch 1, compiled, bucketed), kernels warm."""
+    import mlx_moonshine  # noqa: F401
+    import mlx.core as mx
+    import mlx.optimizers as optim
+
+    import bench_train as bt
+    from mlx_moonshine.adapters.apply import AdapterConfig, apply_adapters
+    from mlx_moonshine.data import load_manifest
+    from mlx_moonshine.loading import load
+    from mlx_moonshine.models import fastmath
+    from mlx_moonshine.train.batches import make_batch
+    from mlx_moonshine.train.config import TrainArgs
+    from mlx_moonshine.train.step import Stepper, default_loss
+
+    rows = load_manifest(args.manifest).samples[: args.race_rows]
+    model, processor = load(args.model)
+    apply_adapters(model, AdapterConfig(kind="lora", r=8, alpha=16.0, dropout=0.0, targets=bt.RACE_TARGETS))
+    model.train()
+    fastmath.training_cpu_cache()
+    targs = TrainArgs(batch_size=1)
+    batches = [make_batch([s], processor, targs) for s in rows]
+    mx.eval([list(b.values()) for b in batches])
+    stepper = Stepper(model, optim.AdamW(learning_rate=1e-3, weight_decay=targs.weight_decay), default_loss)
+    with Sampling() as s:
+        for b in batches:
+            stepper([b])
+    audio_s = sum(float(b["lengths"].sum()) for b in batches) / 16000
+    return {"unit": "audio second", "n": audio_s, "wall_s": s.wall, "audio_s_per_s": audio_s / s.wall}
+
+
 WORKLOADS = {"mlx-moonshine train step": mlx_train, "PyTorch+PEFT train step": torch_train,
-             "mlx-moonshine decoder token": mlx_decode}
+             "mlx-moonshine decoder token": mlx_decode, "mlx-moonshine race (batch 1)": mlx_race}
+RACE = ("mlx-moonshine race (batch 1)", "mlx-tune 0.6.0 race (batch 1)")
 
 
 # -- the parent: perf record, then buckets ------------------------------------------------------------
+
+
+def workload_command(args, name: str, tmp: Path, result: Path) -> list:
+    """The child process of one workload (mlx-tune's: benchmarks/mlxtune_child.py in its own venv)."""
+    if name == RACE[1]:
+        import bench_train as bt
+        from mlx_moonshine.data import load_manifest
+
+        npz, hf = tmp / "race.npz", tmp / "moonshine-base-hf"  # mlx-tune finds its Moonshine profile by name
+        if not npz.exists():
+            bt.write_race_npz(load_manifest(args.manifest).samples[: args.race_rows], npz)
+            hf.symlink_to(Path(args.hf).resolve())
+        return [args.mlxtune_python, str(HERE / "mlxtune_child.py"), "--hf", str(hf), "--data", str(npz),
+                "--out", str(result), "--weights", str(tmp / "fused.safetensors")]
+    return [sys.executable, __file__, "--child", name, "--result", str(result), "--model", args.model,
+            "--hf", args.hf, "--manifest", args.manifest, "--audio", args.audio, "--race-rows", str(args.race_rows),
+            "--steps", str(args.steps if "train" in name else max(args.steps // 4, 1))]
 
 
 def profile(args, name: str, tmp: Path) -> dict:
@@ -196,12 +252,20 @@ def profile(args, name: str, tmp: Path) -> dict:
         from mlx_moonshine._blas import ENV_DISABLE
 
         env[ENV_DISABLE] = "1"  # as bench_train runs PyTorch: its own BLAS
+    child = workload_command(args, name, tmp, result)
+    if name in RACE:  # a first run builds the kernels for every clip shape (warm against warm), unrecorded
+        kernels = tmp / f"kernels-{RACE.index(name)}"
+        kernels.mkdir(exist_ok=True)
+        env["TMPDIR"] = str(kernels)
+        subprocess.run(child, env={k: v for k, v in env.items() if not k.startswith("PROFILE_")}, check=True,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     cmd = ["perf", "record", "-q", "-F", str(FREQ), "-D", "-1", "--control", f"fifo:{ctl},{ack}", "-o", str(data),
-           "--", sys.executable, __file__, "--child", name, "--result", str(result),
-           "--model", args.model, "--hf", args.hf, "--manifest", args.manifest, "--audio", args.audio,
-           "--steps", str(args.steps if "train" in name else max(args.steps // 4, 1))]
-    subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL)
+           "--", *child]
+    subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     out = json.loads(result.read_text())
+    if name == RACE[1]:
+        out = {"unit": "audio second", "n": out["audio_s"], "wall_s": out["wall_s"],
+               "audio_s_per_s": out["audio_s_per_s"]}
     script = subprocess.run(["perf", "script", "-i", str(data), "-F", "tid,ip,sym,dso"], capture_output=True,
                             text=True, check=True).stdout
     by_bucket, by_thread, top, thread_bucket = Counter(), Counter(), Counter(), Counter()
@@ -250,7 +314,10 @@ def main():
     ap.add_argument("--manifest", default=str(HERE.parent / "examples/atc/domain_train.jsonl"))
     ap.add_argument("--audio", default=None, help="decoder clip (default: moonshine-voice's beckett.wav)")
     ap.add_argument("--steps", type=int, default=8, help="timed training steps (decoder: steps/4 transcripts)")
-    ap.add_argument("--only", choices=list(WORKLOADS), action="append")
+    ap.add_argument("--race-rows", type=int, default=40, help="race: the first rows of --manifest, once each")
+    ap.add_argument("--mlxtune-python", default=os.environ.get("MLXTUNE_PYTHON"),
+                    help="python of a venv with mlx-tune 0.6.0: adds its side of the race")
+    ap.add_argument("--only", choices=[*WORKLOADS, RACE[1]], action="append")
     ap.add_argument("--out", default=None)
     ap.add_argument("--child", choices=list(WORKLOADS), help=argparse.SUPPRESS)
     ap.add_argument("--result", help=argparse.SUPPRESS)
@@ -269,7 +336,8 @@ def main():
         args.audio = str(Path(spec.origin).parent / "assets" / "beckett.wav")
     results = {"load_average": os.getloadavg()[0]}
     with tempfile.TemporaryDirectory() as tmp:
-        for name in args.only or WORKLOADS:
+        names = args.only or [*WORKLOADS, *([RACE[1]] if args.mlxtune_python else [])]
+        for name in names:
             results[name] = profile(args, name, Path(tmp))
             print_profile(name, results[name])
     results["load_average_after"] = os.getloadavg()[0]
