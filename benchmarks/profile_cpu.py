@@ -293,18 +293,23 @@ def profile(args, name: str, tmp: Path) -> dict:
                      for (b, d, s), c in top.most_common(12)])
 
 
-def print_profile(name: str, r: dict) -> None:
+def profile_lines(name: str, r: dict) -> list[str]:
+    """One workload's profile as Markdown: the buckets, all threads and the two busiest, and the top symbols."""
     threads = r["thread_ms"]
     busy = " / ".join(f"{sum(t.values()):.0f}" for t in threads)
-    print(f"\n## {name}: {r['wall_ms_per_unit']:.1f} ms per {r['unit']} (wall), {r['busy_cores']:.2f} busy cores; "
-          f"the two busiest threads {busy} ms\n")
-    print(f"| where (CPU ms per {r['unit']}) | all threads | share | "
-          + " | ".join(f"thread {i + 1}" for i in range(len(threads))) + " |\n|---|---|---|" + "---|" * len(threads))
+    lines = [f"### {name}: {r['wall_ms_per_unit']:.1f} ms per {r['unit']} (wall), {r['busy_cores']:.2f} busy cores; "
+             f"the two busiest threads {busy} ms\n",
+             f"| where (CPU ms per {r['unit']}) | all threads | share | "
+             + " | ".join(f"thread {i + 1}" for i in range(len(threads))) + " |",
+             "|---|---|---|" + "---|" * len(threads)]
     total = sum(r["cpu_ms_per_unit"].values())
     for b, ms in sorted(r["cpu_ms_per_unit"].items(), key=lambda kv: -kv[1]):
-        print(f"| {b} | {ms:.1f} | {100 * ms / total:.0f}% | " + " | ".join(f"{t.get(b, 0.0):.1f}" for t in threads) + " |")
-    print("\ntop symbols: " + "; ".join(f"{t['symbol'] or t['dso']} ({t['dso']}) {t['ms_per_unit']:.1f} ms"
-                                        for t in r["top"][:6]))
+        if ms >= 0.05:
+            lines.append(f"| {b} | {ms:.1f} | {100 * ms / total:.0f}% | "
+                         + " | ".join(f"{t.get(b, 0.0):.1f}" for t in threads) + " |")
+    lines.append("\ntop symbols: " + "; ".join(f"{t['symbol'] or t['dso']} ({t['dso']}) {t['ms_per_unit']:.1f} ms"
+                                             for t in r["top"][:6]) + "\n")
+    return lines
 
 
 def main():
@@ -339,7 +344,7 @@ def main():
         names = args.only or [*WORKLOADS, *([RACE[1]] if args.mlxtune_python else [])]
         for name in names:
             results[name] = profile(args, name, Path(tmp))
-            print_profile(name, results[name])
+            print("\n".join(profile_lines(name, results[name])))
     results["load_average_after"] = os.getloadavg()[0]
     print(f"\nload average {results['load_average']:.2f} -> {results['load_average_after']:.2f}")
     if args.out:
