@@ -88,6 +88,23 @@ def test_resume_decodes_only_missing_rows_and_gives_same_summary(tiny, tiny_corp
     assert len(_rows(run)) == len(lines)
 
 
+def test_a_transcript_holding_a_line_separator_survives_resume_and_compare(tiny, tiny_corpus, tmp_path):
+    # Rows are written with ensure_ascii=False: U+2028/U+0085 inside a hyp are not line ends for any reader.
+    from mlx_moonshine.eval.compare import compare_runs
+    from mlx_moonshine.eval.evaluate import _read_predictions
+
+    run = tmp_path / "run"
+    _eval(tiny, tiny_corpus.values(), run)
+    pred = run / "predictions.jsonl"
+    rows = [json.loads(x) for x in pred.read_text(encoding="utf-8").split("\n") if x]
+    rows[0]["hyp"] = "over\u2028and\u0085out"
+    pred.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    assert [r["hyp"] for r in _read_predictions(pred)] == [r["hyp"] for r in rows]
+    assert pred.read_text(encoding="utf-8").count("\n") == len(rows)  # nothing to repair, nothing rewritten
+    report, _ = compare_runs(run, run)
+    assert "not JSON" not in report
+
+
 def test_resume_with_other_options_is_refused_unless_forced(tiny, tiny_corpus, tmp_path):
     run = tmp_path / "run"
     _eval(tiny, [tiny_corpus["heldout"]], run, limit=2)

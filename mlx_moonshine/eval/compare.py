@@ -53,7 +53,7 @@ def _load_run(run_dir: str | Path) -> tuple[dict, dict, dict]:
             text = pred.read_text(encoding="utf-8")
         except UnicodeDecodeError as e:
             raise EvalError(f"{pred}: not UTF-8 text ({e.reason}); re-run eval into a new folder") from e
-        for i, line in enumerate(text.splitlines(), 1):
+        for i, line in enumerate(text.split("\n"), 1):  # not splitlines: U+2028 may sit inside a transcript
             if not line.strip():
                 continue
             try:

@@ -69,7 +69,9 @@ def _read_predictions(path: Path) -> list[dict]:
     """Rows of predictions.jsonl; a torn last line (killed mid-write) is dropped and the file repaired."""
     if not path.is_file():
         return []
-    rows, lines = [], path.read_text(encoding="utf-8").splitlines(keepends=True)
+    # Cut at "\n" only: rows are written with ensure_ascii=False, and str.splitlines would also cut a
+    # transcript at a U+2028 or U+0085 inside it. A complete file ends in "\n": its last piece is "".
+    rows, lines = [], path.read_text(encoding="utf-8").split("\n")
     for i, line in enumerate(lines):
         if not line.strip():
             continue
@@ -80,7 +82,7 @@ def _read_predictions(path: Path) -> list[dict]:
                 break
             raise EvalError(f"{path}: line {i + 1} is not valid JSON ({e.msg}); delete that line, or start "
                             "over with a new output folder or --force") from e
-    if lines and (not lines[-1].endswith("\n") or len(rows) != sum(1 for x in lines if x.strip())):
+    if lines[-1] or len(rows) != sum(1 for x in lines if x.strip()):
         atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     return rows
 
