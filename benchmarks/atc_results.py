@@ -30,17 +30,18 @@ HERE = Path(__file__).resolve().parent
 EXAMPLE = HERE.parent / "examples" / "atc"
 
 
+def jsonl(path: Path) -> list[dict]:
+    """Every row of a JSONL file (strict: a figure must never silently miss one)."""
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").split("\n") if line.strip()]
+
+
 def manifest_rows(path: Path) -> dict:
     """id -> the manifest's own row (engine, speaker_group, ...)."""
-    from mlx_moonshine.io import read_jsonl
-
-    return {str(r["id"]): r for r in read_jsonl(path)}
+    return {str(r["id"]): r for r in jsonl(path)}
 
 
 def predictions(run: Path) -> list[dict]:
-    from mlx_moonshine.io import read_jsonl
-
-    return read_jsonl(run / "predictions.jsonl")
+    return jsonl(run / "predictions.jsonl")
 
 
 def grouped_wer(rows: list[dict], key) -> dict:
@@ -68,7 +69,6 @@ def main(argv=None) -> int:
     ap.add_argument("-o", "--out", required=True)
     args = ap.parse_args(argv)
 
-    from mlx_moonshine.audio import AudioConfig
     from mlx_moonshine.decoding import DecodingOptions
     from mlx_moonshine.eval.evaluate import evaluate
     from mlx_moonshine.loading import load
