@@ -21,6 +21,7 @@ import json
 import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -212,18 +213,9 @@ def evaluate(model, processor, manifests: Sequence[str | Path], out_dir: str | P
     Raises:
         ManifestError: bad rows (all listed) unless `skip_invalid`; EvalError: a mismatched resume.
     """
-    from tqdm import tqdm
-
     if batch_size < 1:
         raise EvalError(f"batch_size must be >= 1 (got {batch_size})")
-    out_dir = Path(out_dir)
-    loaded = {}
-    for path in manifests:  # validate everything before decoding anything
-        name = manifest_name(path)
-        if name in loaded:
-            raise EvalError(f"two manifests are both named '{name}' ({loaded[name].path} and {Path(path).resolve()}); "
-                            "manifests are keyed by file name, so rename one")
-        loaded[name] = load_manifest(path, skip_invalid=skip_invalid)
+    loaded = _load_manifests(manifests, skip_invalid)  # validate everything before decoding anything
     run = dict(
         decoding=options.to_dict(), audio_normalization=processor.audio.to_dict(),
         text_normalizer=normalizer.to_dict(),
@@ -233,75 +225,109 @@ def evaluate(model, processor, manifests: Sequence[str | Path], out_dir: str | P
         mlx_moonshine_version=_version(),
     )
     world = _world()
-    out_dir = world.local_folder(out_dir, (RUN_FILE, PREDICTIONS_FILE, SUMMARY_FILE))  # others: a private copy
-    progress = progress and world.is_main
+    out_dir = world.local_folder(Path(out_dir), (RUN_FILE, PREDICTIONS_FILE, SUMMARY_FILE))  # others: a copy
+    decode = _ManifestDecoder(model, processor, options, batch_size, skip_invalid, normalizer, limit,
+                              progress and world.is_main)
     with run_lock(out_dir, "eval"):  # a second eval into this folder would write every id twice
-        old = _check_resume(out_dir, run, force)
-        out_dir.mkdir(parents=True, exist_ok=True)
+        old = _start_run(out_dir, run, loaded, force)
         pred_path = out_dir / PREDICTIONS_FILE
-        if old is None:
-            pred_path.unlink(missing_ok=True)
-            run["created"] = _now()
-        else:
-            run["created"] = old.get("created", _now())
-            run["manifests"] = {**old.get("manifests", {}), **run["manifests"]}
-        for name, m in loaded.items():
-            run["manifests"][name] = {**run["manifests"][name], **_copy_record(m.path, out_dir)}
-        atomic_write_json(out_dir / RUN_FILE, run)
-
         rows = _read_predictions(pred_path)
-        warned: dict[str, list] = {}  # manifest -> [id, warning] of the clips decoded in this call
-        summaries, previous = {}, _previous_summaries(out_dir) if old is not None else {}
+        previous = _previous_summaries(out_dir) if old is not None else {}
         with writing(pred_path):
             # Unbuffered: a batch's rows go out in one write, and a failed write leaves nothing for close()
             # to retry (a close() error would replace the message that names this file).
             pred_file = open(pred_path, "ab", buffering=0)
         with pred_file:
-            for name, m in loaded.items():
-                samples = m.samples[:limit] if limit is not None else m.samples
-                done = {r["id"]: r for r in rows if r.get("manifest") == name}
-                todo = sorted((s for s in samples if s.id not in done), key=_sample_length)
-                # Clips whose audio failed before stay skipped on resume (with skip_invalid), else are retried.
-                failed = [tuple(f) for f in previous.get(name, {}).get("failed_audio", [])] if skip_invalid else []
-                todo = [s for s in todo if s.id not in {i for i, _ in failed}]
-                bar = tqdm(total=len(samples), initial=len(samples) - len(todo), desc=name, unit="clip",
-                           file=sys.stderr, disable=not progress, dynamic_ncols=True)
-
-                def decode(group):
-                    return _decode_rows(model, processor, group, options, batch_size, skip_invalid, name, normalizer)
-
-                groups = [todo[b:b + batch_size] for b in range(0, len(todo), batch_size)]
-                try:
-                    for results in world.map_groups(groups, decode):  # one group a round in one process
-                        for decoded, bad in results:
-                            failed += [tuple(b) for b in bad]
-                            batch_rows = []
-                            for row in decoded:
-                                done[row["id"]] = row
-                                for w in row.get("warnings", []):
-                                    bar.write(f"warning: {w}", file=sys.stderr)
-                                    warned.setdefault(name, []).append([row["id"], w])
-                                batch_rows.append(json.dumps(row, ensure_ascii=False) + "\n")
-                            with writing(pred_path):
-                                _write_all(pred_file, "".join(batch_rows).encode("utf-8"))
-                            bar.update(len(decoded) + len(bad))
-                finally:
-                    bar.close()
-                kept = [done[s.id] for s in samples if s.id in done]
-                summaries[name] = _manifest_summary(kept, run["manifests"][name], m.n_skipped + len(failed))
-                if failed:
-                    summaries[name]["failed_audio"] = failed
-                if warned.get(name):
-                    summaries[name]["audio_warnings"] = warned[name]
-                if m.skipped:
-                    summaries[name]["invalid_rows"] = [dict(line=line, reason=why) for line, why in m.skipped]
-                if limit is not None:
-                    summaries[name]["limit"] = limit
+            summaries = {name: decode(name, m, rows, previous.get(name, {}), pred_file, pred_path,
+                                      run["manifests"][name]) for name, m in loaded.items()}
         # Manifests evaluated into this folder by an earlier call (same settings) stay in the summary.
         summaries = {**{k: v for k, v in previous.items() if k not in summaries}, **summaries}
         summary = dict(run={**run, "updated": _now()}, manifests=summaries)
         atomic_write_json(out_dir / SUMMARY_FILE, summary)
     return summary
+
+
+def _load_manifests(manifests, skip_invalid: bool) -> dict:
+    """name -> loaded `Manifest`, every one validated; two manifests may not share a name."""
+    loaded = {}
+    for path in manifests:
+        name = manifest_name(path)
+        if name in loaded:
+            raise EvalError(f"two manifests are both named '{name}' ({loaded[name].path} and {Path(path).resolve()}); "
+                            "manifests are keyed by file name, so rename one")
+        loaded[name] = load_manifest(path, skip_invalid=skip_invalid)
+    return loaded
+
+
+def _start_run(out_dir: Path, run: dict, loaded: dict, force: bool) -> Optional[dict]:
+    """Check a resume, copy the manifests in and write run.json; the earlier run.json (None: a new run)."""
+    old = _check_resume(out_dir, run, force)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if old is None:
+        (out_dir / PREDICTIONS_FILE).unlink(missing_ok=True)
+        run["created"] = _now()
+    else:
+        run["created"] = old.get("created", _now())
+        run["manifests"] = {**old.get("manifests", {}), **run["manifests"]}
+    for name, m in loaded.items():
+        run["manifests"][name] = {**run["manifests"][name], **_copy_record(m.path, out_dir)}
+    atomic_write_json(out_dir / RUN_FILE, run)
+    return old
+
+
+@dataclass
+class _ManifestDecoder:
+    """Decodes one manifest's missing rows into predictions.jsonl and returns its summary."""
+
+    model: object
+    processor: object
+    options: DecodingOptions
+    batch_size: int
+    skip_invalid: bool
+    normalizer: TextNormalizer
+    limit: Optional[int]
+    progress: bool
+
+    def __call__(self, name: str, m, rows: list[dict], previous: dict, pred_file, pred_path: Path,
+                 record: dict) -> dict:
+        from tqdm import tqdm
+
+        samples = m.samples[: self.limit] if self.limit is not None else m.samples
+        done = {r["id"]: r for r in rows if r.get("manifest") == name}
+        todo = sorted((s for s in samples if s.id not in done), key=_sample_length)
+        # Clips whose audio failed before stay skipped on resume (with skip_invalid), else are retried.
+        failed = [tuple(f) for f in previous.get("failed_audio", [])] if self.skip_invalid else []
+        todo = [s for s in todo if s.id not in {i for i, _ in failed}]
+        warned: list = []  # [id, warning] of the clips decoded in this call
+        bar = tqdm(total=len(samples), initial=len(samples) - len(todo), desc=name, unit="clip",
+                   file=sys.stderr, disable=not self.progress, dynamic_ncols=True)
+
+        def decode(group):
+            return _decode_rows(self.model, self.processor, group, self.options, self.batch_size,
+                                self.skip_invalid, name, self.normalizer)
+
+        groups = [todo[b:b + self.batch_size] for b in range(0, len(todo), self.batch_size)]
+        try:
+            for results in _world().map_groups(groups, decode):  # one group a round in one process
+                for decoded, bad in results:
+                    failed += [tuple(b) for b in bad]
+                    for row in decoded:
+                        done[row["id"]] = row
+                        for w in row.get("warnings", []):
+                            bar.write(f"warning: {w}", file=sys.stderr)
+                            warned.append([row["id"], w])
+                    with writing(pred_path):
+                        _write_all(pred_file, "".join(json.dumps(r, ensure_ascii=False) + "\n"
+                                                      for r in decoded).encode("utf-8"))
+                    bar.update(len(decoded) + len(bad))
+        finally:
+            bar.close()
+        kept = [done[s.id] for s in samples if s.id in done]
+        summary = _manifest_summary(kept, record, m.n_skipped + len(failed))
+        extras = dict(failed_audio=failed, audio_warnings=warned,
+                      invalid_rows=[dict(line=line, reason=why) for line, why in m.skipped], limit=self.limit)
+        summary.update({k: v for k, v in extras.items() if v})
+        return summary
 
 
 def _write_all(f, data: bytes) -> None:
