@@ -354,7 +354,8 @@ def manifest_stats_cmd(manifest_path: Path, skip_invalid: bool):
                                             "would not rewrite.")
 def manifest_split_cmd(manifest_path, ratios, by, quick, seed, skip_invalid, out_dir, force):
     """Split MANIFEST into train/val/test JSONL files in OUT_DIR (deterministic per seed)."""
-    from .data import load_manifest, split_manifest
+    from .data import load_manifest
+    from .splits import split_manifest
 
     m = _run(load_manifest, manifest_path, skip_invalid=skip_invalid)
     written = _run(split_manifest, m, out_dir, ratios=ratios, by=by, quick=quick, seed=seed, force=force)
