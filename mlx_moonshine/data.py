@@ -1,12 +1,12 @@
-"""Manifests (JSONL/CSV/TSV): loading and validation, writing, statistics, run copies and length-bucketed
-batches.
+"""Manifests (JSONL/CSV/TSV): loading and validation, writing, statistics and run copies.
 
 A manifest row is {"audio": path, "text": transcript} plus optional "id", "duration" (seconds),
 "speaker" and any extra keys, which are kept. Relative audio paths resolve against the manifest's
 folder. CSV/TSV need a header row naming at least `audio` and `text`.
 
 Validation reads every row, checks each audio file's header with `soundfile.info` (cheap: nothing
-is decoded), and reports every bad row in one `ManifestError`. Splits are in splits.py.
+is decoded), and reports every bad row in one `ManifestError`. Splits are in splits.py; the
+training row order (length-bucketed batches) in train/batches.py.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ import io
 import json
 import math
 import os
-import random
 import shutil
 import statistics
 from dataclasses import dataclass, field
@@ -317,36 +316,3 @@ def copy_manifest(manifest_path: str | Path, run_dir: str | Path) -> dict:
     atomic_write_bytes(dest, data)
     shutil.copystat(src, dest)
     return dict(path=str(dest), sha256=digest, source=str(src))
-
-
-def iterate_batches(samples: list[Sample], batch_size: int, *, shuffle: bool = True, seed: int = 0,
-                    bucket: bool = True, bucket_batches: int = 50) -> Iterator[list[Sample]]:
-    """Yield batches of samples of similar length (less padding), deterministic per seed.
-
-    Samples are shuffled, cut into chunks of `bucket_batches * batch_size`, each chunk sorted by
-    duration and cut into batches; the batch order is then shuffled. Pass seed + epoch for a new
-    order each epoch. The last batch may be smaller. Unknown durations sort as 0.
-
-    Args:
-        samples: The samples.
-        batch_size: Samples per batch.
-        shuffle: Shuffle samples and batch order.
-        seed: Seed for both shuffles.
-        bucket: Sort by duration within chunks.
-        bucket_batches: Batches per sorting chunk.
-    """
-    if batch_size <= 0:
-        raise ValueError(f"batch_size must be positive, got {batch_size}")
-    rng = random.Random(seed)
-    order = list(range(len(samples)))
-    if shuffle:
-        rng.shuffle(order)
-    if bucket:
-        chunk = batch_size * bucket_batches
-        order = [i for c in range(0, len(order), chunk)
-                 for i in sorted(order[c:c + chunk], key=lambda i: samples[i].duration or 0.0)]
-    batches = [order[b:b + batch_size] for b in range(0, len(order), batch_size)]
-    if shuffle:
-        rng.shuffle(batches)
-    for b in batches:
-        yield [samples[i] for i in b]
