@@ -6,6 +6,7 @@ Nothing here imports MLX: the option blocks are read for every `--help`.
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import click
 
@@ -27,6 +28,12 @@ def run(fn, *args, **kwargs):
         where = f" ({e.filename})" if getattr(e, "filename", None) else ""
         click.echo(f"error: {e.strerror or e}{where}", err=True)
         sys.exit(2)
+
+
+def out_dir_option(help_text: str):
+    """`-o/--out OUT`, the folder a command writes (required); `help_text` says what goes there."""
+    return click.option("-o", "--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
+                        help=help_text)
 
 
 def decoding_options(fn):

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import click
 
-from .common import decoding_from_kwargs, decoding_options, run, thresholds, verdict_options, warn_budget
+from .common import (decoding_from_kwargs, decoding_options, out_dir_option, run, thresholds, verdict_options,
+                     warn_budget)
 
 
 @click.command("eval")
@@ -16,8 +17,7 @@ from .common import decoding_from_kwargs, decoding_options, run, thresholds, ver
               help="Training run or adapter folder to apply.")
 @click.option("--manifest", "manifests", multiple=True, required=True, type=click.Path(path_type=Path),
               help="JSONL/CSV/TSV manifest; repeat for several.")
-@click.option("-o", "--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
-              help="Run folder (resumed if it holds an interrupted run with the same settings).")
+@out_dir_option("Run folder (resumed if it holds an interrupted run with the same settings).")
 @click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1))
 @decoding_options
 @click.option("--skip-invalid", is_flag=True, help="Leave bad rows and unreadable audio out instead of stopping.")

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from .common import run
+from .common import out_dir_option, run
 
 
 @click.group("export")
@@ -21,8 +21,7 @@ def _verify_audio_option(fn):
 
 @export_group.command("peft")
 @click.argument("source", metavar="RUN_OR_ADAPTER", type=click.Path(path_type=Path))
-@click.option("-o", "--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
-              help="PEFT adapter folder to write.")
+@out_dir_option("PEFT adapter folder to write.")
 @click.option("--base-model-name-or-path", default=None, help="Base model Hub id or path recorded for PyTorch users.")
 @click.option("--best", is_flag=True, help="Export the run's best adapter (best/) instead of its final one.")
 @click.option("--model", "model_path", default=None,
@@ -53,8 +52,7 @@ def export_peft_cmd(source, out_dir, base_model_name_or_path, best, model_path, 
 @export_group.command("hf")
 @click.option("--model", "model_path", required=True, help="MLX model folder (or HF checkpoint / Hub id).")
 @click.option("--adapter", default=None, type=click.Path(path_type=Path), help="Training run or adapter folder to merge in.")
-@click.option("-o", "--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
-              help="Hugging Face checkpoint folder to write.")
+@out_dir_option("Hugging Face checkpoint folder to write.")
 @click.option("--verify", is_flag=True, help="Load the export with transformers and compare logits with MLX (needs torch).")
 @_verify_audio_option
 @click.option("--force", is_flag=True, help="Overwrite OUT if it is not empty.")
@@ -81,8 +79,7 @@ def export_hf_cmd(model_path, adapter, out_dir, verify, audio, force):
 @click.option("--model", "model_path", required=True,
               help="MLX model folder converted from moonshine-cpp:base-en or moonshine-voice:tiny-en.")
 @click.option("--adapter", default=None, type=click.Path(path_type=Path), help="Training run or adapter folder to merge in.")
-@click.option("-o", "--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
-              help="Runtime model folder to write (encoder_model.ort, decoder_model_merged.ort, tokenizer.bin).")
+@out_dir_option("Runtime model folder to write (encoder_model.ort, decoder_model_merged.ort, tokenizer.bin).")
 @click.option("--verify", is_flag=True, help="Transcribe a clip with onnxruntime (and moonshine_cpp if installed) "
                                              "over OUT and with MLX, and compare.")
 @click.option("--audio", default=None, type=click.Path(dir_okay=False, path_type=Path),
@@ -116,8 +113,7 @@ def import_group():
 
 @import_group.command("peft")
 @click.argument("peft_dir", metavar="DIR", type=click.Path(path_type=Path))
-@click.option("-o", "--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
-              help="Adapter folder to write.")
+@out_dir_option("Adapter folder to write.")
 @click.option("--model", "model_path", default=None, help="Base MLX model folder to check the adapter's shapes against.")
 @click.option("--force", is_flag=True, help="Overwrite OUT if it is not empty.")
 def import_peft_cmd(peft_dir, out_dir, model_path, force):
@@ -130,8 +126,7 @@ def import_peft_cmd(peft_dir, out_dir, model_path, force):
 @click.command("fuse")
 @click.option("--model", "model_path", required=True, help="Base MLX model folder (or HF checkpoint / Hub id).")
 @click.option("--adapter", required=True, type=click.Path(path_type=Path), help="Training run or adapter folder.")
-@click.option("-o", "--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
-              help="MLX model folder to write.")
+@out_dir_option("MLX model folder to write.")
 @click.option("--force", is_flag=True, help="Overwrite OUT if it is not empty.")
 def fuse_cmd(model_path, adapter, out_dir, force):
     """Merge an adapter into the base weights: an MLX model folder that needs no adapter."""

@@ -6,13 +6,12 @@ from pathlib import Path
 
 import click
 
-from .common import decoding_from_kwargs, decoding_options, run, warn_budget
+from .common import decoding_from_kwargs, decoding_options, out_dir_option, run, warn_budget
 
 
 @click.command()
 @click.argument("source")
-@click.option("-o", "--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
-              help="MLX model folder to write.")
+@out_dir_option("MLX model folder to write.")
 @click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float32",
               show_default=True)
 @click.option("--force", is_flag=True, help="Overwrite OUT if it exists.")
