@@ -1,11 +1,12 @@
-"""Manifests (JSONL/CSV/TSV), their validation, splits, statistics and length-bucketed batches.
+"""Manifests (JSONL/CSV/TSV): loading and validation, writing, statistics and run copies.
 
 A manifest row is {"audio": path, "text": transcript} plus optional "id", "duration" (seconds),
 "speaker" and any extra keys, which are kept. Relative audio paths resolve against the manifest's
 folder. CSV/TSV need a header row naming at least `audio` and `text`.
 
 Validation reads every row, checks each audio file's header with `soundfile.info` (cheap: nothing
-is decoded), and reports every bad row in one `ManifestError`.
+is decoded), and reports every bad row in one `ManifestError`. Splits are in splits.py; the
+training row order (length-bucketed batches) in train/batches.py.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ import io
 import json
 import math
 import os
-import random
 import shutil
 import statistics
 from dataclasses import dataclass, field
@@ -28,7 +28,6 @@ from .io import atomic_write_bytes, atomic_write_text, sha256_file
 _KNOWN = ("id", "audio", "text", "duration", "speaker")
 _FORMATS = {".jsonl": "jsonl", ".json": "jsonl", ".csv": "csv", ".tsv": "tsv"}
 _MAX_LISTED = 100  # problems listed in one error message; the total is always given
-SPLIT_NAMES = ("train", "val", "test")
 
 
 @dataclass
@@ -251,7 +250,8 @@ def load_manifest(path: str | Path, *, check_audio: bool = True, max_seconds: fl
     return Manifest(path=path, samples=samples, skipped=bad, sha256=sha256_file(path))
 
 
-def _as_manifest(manifest: Manifest | str | Path) -> Manifest:
+def as_manifest(manifest: Manifest | str | Path) -> Manifest:
+    """`manifest` itself, or the manifest at that path loaded with the default checks."""
     return manifest if isinstance(manifest, Manifest) else load_manifest(manifest)
 
 
@@ -277,97 +277,6 @@ def write_manifest(samples: list[Sample], path: str | Path) -> Path:
     return path
 
 
-def _split_counts(n: int, ratios: list[float]) -> list[int]:
-    total = sum(ratios)
-    counts = [round(n * r / total) for r in ratios[:-1]]
-    return counts + [n - sum(counts)]
-
-
-def split_manifest(manifest: Manifest | str | Path, out_dir: str | Path,
-                   ratios: tuple[float, ...] = (80, 10, 10), by: str | None = None,
-                   quick: int = 50, seed: int = 0, force: bool = False) -> dict[str, Path]:
-    """Split a manifest into train/val/test JSONL files (plus a small `quick` subset of train).
-
-    Deterministic for a given seed. Splits with ratio 0 are not written.
-
-    Args:
-        manifest: A Manifest or a manifest path.
-        out_dir: Folder for train.jsonl, val.jsonl, test.jsonl, quick.jsonl.
-        ratios: Relative sizes of train/val(/test), e.g. (80, 10, 10) or (90, 10).
-        by: None for a row-level split, or "speaker" so that no speaker is in two splits.
-        quick: Rows in quick.jsonl (a random subset of train); 0 to skip it.
-        seed: Shuffle seed.
-        force: Remove split files of an earlier split in `out_dir` that this one would not rewrite
-            (without it, such files are refused: an old test.jsonl next to a new val.jsonl shares rows).
-
-    Returns:
-        Split name -> written path.
-    """
-    m = _as_manifest(manifest)
-    out_dir = Path(out_dir)
-    ratios = [float(r) for r in ratios]
-    if not 2 <= len(ratios) <= 3 or any(r < 0 for r in ratios) or ratios[0] <= 0:
-        raise ManifestError(f"ratios must be 2 or 3 non-negative numbers with train > 0, got {ratios}; "
-                            "e.g. 80/10/10")
-    names = SPLIT_NAMES[: len(ratios)]
-    rng = random.Random(seed)
-    order = list(range(len(m.samples)))
-    if by is None:
-        rng.shuffle(order)
-        counts = _split_counts(len(order), ratios)
-        groups, start = [], 0
-        for c in counts:
-            groups.append(order[start:start + c])
-            start += c
-    elif by == "speaker":
-        no_speaker = [i for i in order if m.samples[i].speaker is None]
-        if no_speaker:
-            raise ManifestError(f"{m.path}: {len(no_speaker)} rows have no 'speaker' (first: id "
-                                f"'{m.samples[no_speaker[0]].id}'); add speakers or split without --by")
-        by_spk: dict[str, list[int]] = {}
-        for i in order:
-            by_spk.setdefault(m.samples[i].speaker, []).append(i)
-        speakers = sorted(by_spk)
-        rng.shuffle(speakers)
-        # Fill train, then val, then test, a whole speaker at a time, to the target row counts.
-        targets = _split_counts(len(order), ratios)
-        bounds = [sum(targets[: k + 1]) for k in range(len(targets))]
-        groups, taken, k = [[] for _ in ratios], 0, 0
-        for spk in speakers:
-            while k < len(ratios) - 1 and taken >= bounds[k]:
-                k += 1
-            groups[k].extend(by_spk[spk])
-            taken += len(by_spk[spk])
-    else:
-        raise ManifestError(f"unknown split key by={by!r}; use None or 'speaker'")
-    empty = [names[k] for k, g in enumerate(groups) if ratios[k] > 0 and not g]
-    if empty:
-        what = f"{len(by_spk)} speakers" if by == "speaker" else f"{len(order)} rows"
-        raise ManifestError(f"{m.path}: {what} are too few for ratios {ratios}: {', '.join(empty)} "
-                            "would be empty; add data or change --ratios")
-    _clear_old_splits(out_dir, [n for n, r in zip(names, ratios) if r > 0] + (["quick"] if quick > 0 else []), force)
-    written = {}
-    for name, group, r in zip(names, groups, ratios):
-        if r > 0:
-            written[name] = write_manifest([m.samples[i] for i in sorted(group)], out_dir / f"{name}.jsonl")
-    if quick > 0:
-        train = groups[0]
-        pick = sorted(train[:quick]) if by is None else sorted(rng.sample(train, min(quick, len(train))))
-        written["quick"] = write_manifest([m.samples[i] for i in pick], out_dir / "quick.jsonl")
-    return written
-
-
-def _clear_old_splits(out_dir: Path, writing: list[str], force: bool) -> None:
-    stale = [out_dir / f"{n}.jsonl" for n in (*SPLIT_NAMES, "quick") if n not in writing]
-    stale = [p for p in stale if p.exists()]
-    if stale and not force:
-        raise ManifestError(
-            f"{out_dir} holds {', '.join(p.name for p in stale)} from an earlier split, which this split would "
-            "not replace (its rows may overlap the new splits); use another --out-dir, or --force to remove them")
-    for p in stale:
-        p.unlink()
-
-
 def sample_duration(s: Sample) -> float:
     """Seconds, from the row or else the audio header."""
     if s.duration is None:
@@ -377,7 +286,7 @@ def sample_duration(s: Sample) -> float:
 
 def manifest_stats(manifest: Manifest | str | Path) -> dict:
     """Row count, hours, speaker count and duration min/median/mean/max (seconds)."""
-    m = _as_manifest(manifest)
+    m = as_manifest(manifest)
     d = [sample_duration(s) for s in m.samples]
     speakers = {s.speaker for s in m.samples if s.speaker is not None}
     return dict(
@@ -407,36 +316,3 @@ def copy_manifest(manifest_path: str | Path, run_dir: str | Path) -> dict:
     atomic_write_bytes(dest, data)
     shutil.copystat(src, dest)
     return dict(path=str(dest), sha256=digest, source=str(src))
-
-
-def iterate_batches(samples: list[Sample], batch_size: int, *, shuffle: bool = True, seed: int = 0,
-                    bucket: bool = True, bucket_batches: int = 50) -> Iterator[list[Sample]]:
-    """Yield batches of samples of similar length (less padding), deterministic per seed.
-
-    Samples are shuffled, cut into chunks of `bucket_batches * batch_size`, each chunk sorted by
-    duration and cut into batches; the batch order is then shuffled. Pass seed + epoch for a new
-    order each epoch. The last batch may be smaller. Unknown durations sort as 0.
-
-    Args:
-        samples: The samples.
-        batch_size: Samples per batch.
-        shuffle: Shuffle samples and batch order.
-        seed: Seed for both shuffles.
-        bucket: Sort by duration within chunks.
-        bucket_batches: Batches per sorting chunk.
-    """
-    if batch_size <= 0:
-        raise ValueError(f"batch_size must be positive, got {batch_size}")
-    rng = random.Random(seed)
-    order = list(range(len(samples)))
-    if shuffle:
-        rng.shuffle(order)
-    if bucket:
-        chunk = batch_size * bucket_batches
-        order = [i for c in range(0, len(order), chunk)
-                 for i in sorted(order[c:c + chunk], key=lambda i: samples[i].duration or 0.0)]
-    batches = [order[b:b + batch_size] for b in range(0, len(order), batch_size)]
-    if shuffle:
-        rng.shuffle(batches)
-    for b in batches:
-        yield [samples[i] for i in b]

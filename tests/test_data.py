@@ -1,4 +1,5 @@
-"""Manifests: loading, validation, splits, stats, copies and batching (mlx_moonshine/data.py)."""
+"""Manifests: loading, validation, stats and copies (data.py), splits (splits.py), the training row order
+(train/batches.py)."""
 
 from __future__ import annotations
 
@@ -11,15 +12,11 @@ import soundfile as sf
 from click.testing import CliRunner
 
 from mlx_moonshine.cli import main
-from mlx_moonshine.data import (
-    copy_manifest,
-    iterate_batches,
-    load_manifest,
-    manifest_stats,
-    split_manifest,
-)
+from mlx_moonshine.data import copy_manifest, load_manifest, manifest_stats
 from mlx_moonshine.errors import ManifestError
 from mlx_moonshine.io import sha256_file
+from mlx_moonshine.splits import split_manifest
+from mlx_moonshine.train.batches import iterate_batches
 
 
 def write_wav(path: Path, seconds: float, sr: int = 16000) -> Path:

@@ -1,10 +1,12 @@
 """Training batches: teacher-forcing token arrays, audio through the shared `prepare_audio`, augmentation,
-padding to few distinct shapes, and the in-RAM cache of frozen encoder outputs.
+padding to few distinct shapes, the in-RAM cache of frozen encoder outputs, and the row order
+(length-bucketed batches, a pure function of seed and epoch).
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable, Optional, Sequence
+import random
+from typing import TYPE_CHECKING, Callable, Iterator, Optional, Sequence
 
 import mlx.core as mx
 import numpy as np
@@ -174,6 +176,39 @@ def make_batch(samples, processor, args, *, cache: Optional[EncoderCache] = None
 # -- which rows, in which order -------------------------------------------------------------------
 
 
+def iterate_batches(samples: list[data_lib.Sample], batch_size: int, *, shuffle: bool = True, seed: int = 0,
+                    bucket: bool = True, bucket_batches: int = 50) -> Iterator[list[data_lib.Sample]]:
+    """Yield batches of samples of similar length (less padding), deterministic per seed.
+
+    Samples are shuffled, cut into chunks of `bucket_batches * batch_size`, each chunk sorted by
+    duration and cut into batches; the batch order is then shuffled. Pass seed + epoch for a new
+    order each epoch. The last batch may be smaller. Unknown durations sort as 0.
+
+    Args:
+        samples: The samples.
+        batch_size: Samples per batch.
+        shuffle: Shuffle samples and batch order.
+        seed: Seed for both shuffles.
+        bucket: Sort by duration within chunks.
+        bucket_batches: Batches per sorting chunk.
+    """
+    if batch_size <= 0:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    rng = random.Random(seed)
+    order = list(range(len(samples)))
+    if shuffle:
+        rng.shuffle(order)
+    if bucket:
+        chunk = batch_size * bucket_batches
+        order = [i for c in range(0, len(order), chunk)
+                 for i in sorted(order[c:c + chunk], key=lambda i: samples[i].duration or 0.0)]
+    batches = [order[b:b + batch_size] for b in range(0, len(order), batch_size)]
+    if shuffle:
+        rng.shuffle(batches)
+    for b in batches:
+        yield [samples[i] for i in b]
+
+
 def filter_long(samples, max_seconds, name: str, warnings: list) -> list:
     """The rows of `samples` no longer than `max_seconds` (None: all); what was left out goes to `warnings`."""
     if max_seconds is None:
@@ -213,7 +248,7 @@ def replay_parts(samples, positions, is_replay: Callable[[object], bool], min_sa
     return [([samples[j] for j in idx], [positions[j] for j in idx]) for idx in (domain, replay)]
 
 
-def epoch_batches(samples, args: TrainArgs, epoch: int, iterate_batches=data_lib.iterate_batches,
+def epoch_batches(samples, args: TrainArgs, epoch: int, iterate_batches=iterate_batches,
                   replay=None) -> list[list]:
     """The training batches of `epoch`: a pure function of (seed, epoch), replay rows mixed in.
 
@@ -222,8 +257,6 @@ def epoch_batches(samples, args: TrainArgs, epoch: int, iterate_batches=data_lib
     """
     batches = [list(b) for b in iterate_batches(samples, args.batch_size, shuffle=True, seed=args.seed + epoch)]
     if replay and args.replay_ratio > 0:
-        import random
-
         c = args.batch_size * args.replay_ratio / (1 - args.replay_ratio)
         for k, b in enumerate(batches):
             n = round((k + 1) * c) - round(k * c)

@@ -38,11 +38,10 @@ from typing import Callable, Optional
 import mlx.core as mx
 import mlx.optimizers as optim
 
-from .. import data as data_lib
 from ..distributed import world as _world
 from ..models import fastmath
 from . import state as ts
-from .batches import epoch_batches, make_batch, replay_parts
+from .batches import epoch_batches, iterate_batches, make_batch, replay_parts
 from .config import TrainArgs, TrainingError
 from .parts import PhaseClock, RunRows, adapt, default_optimizer, encoder_caches, replay_teacher, run_rows
 from .step import Stepper, default_loss, set_grad_checkpoint, step_compiled
@@ -54,7 +53,7 @@ from .validation import validation_pass
 
 def train(model, processor, train_set, val_set, args: TrainArgs, *, run_dir=None, heldout_set=None,
           replay_set=None, loss: Callable = default_loss, optimizer: Optional[optim.Optimizer] = None,
-          iterate_batches=data_lib.iterate_batches, callback: Optional[Callable[[dict], None]] = None,
+          iterate_batches=iterate_batches, callback: Optional[Callable[[dict], None]] = None,
           decoding=None, resume: bool = False, log: Callable[[str], None] = print, progress: bool = True,
           record: Optional[dict] = None) -> dict:
     """Train adapters on `model` in place and write the run folder.

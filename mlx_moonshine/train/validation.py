@@ -15,10 +15,9 @@ from typing import TYPE_CHECKING, Callable, Optional
 import mlx.core as mx
 import numpy as np
 
-from .. import data as data_lib
 from ..audio import pad_batch
 from ..distributed import world as _world
-from .batches import EncoderCache, load_clips, make_batch, tokenize
+from .batches import EncoderCache, iterate_batches, load_clips, make_batch, tokenize
 from .step import default_loss
 
 if TYPE_CHECKING:
@@ -111,7 +110,7 @@ def eval_loss(model, processor, samples, args: TrainArgs, loss: Callable = defau
     Under a launcher the batches are shared out between the processes and their values gathered: the
     same batches, the same sum in the same order as in one process.
     """
-    batches = list(data_lib.iterate_batches(samples, args.batch_size, shuffle=False))
+    batches = list(iterate_batches(samples, args.batch_size, shuffle=False))
     if max_batches:
         batches = batches[:max_batches]
 
