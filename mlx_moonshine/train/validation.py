@@ -39,51 +39,22 @@ def validation_pass(model, processor, samples, loss: Callable, *, loss_rows: Opt
         {"loss": token-weighted mean loss (nan without loss rows), "tokens": label tokens,
          "wer": corpus scores of the WER rows as `eval_wer` gives them (absent when wer_rows is 0)}.
     """
-    from ..audio import SAMPLE_RATE
-    from ..decoding import DecodingOptions, decode_memory
-    from ..metrics import corpus_scores, score
-    from ..transcription import MAX_CHUNK_SECONDS, transcribe_clips
+    from ..decoding import DecodingOptions
+    from ..metrics import corpus_scores
 
     options = options or DecodingOptions()
     loss_ids = {s.id for s in (samples if loss_rows is None else samples[:loss_rows])}
     wer_ids = {s.id for s in samples[:wer_rows]}
     rows = [s for s in dict((s.id, s) for s in samples).values() if s.id in loss_ids or s.id in wer_ids]
     rows.sort(key=_duration)
-    longest = int(MAX_CHUNK_SECONDS * SAMPLE_RATE)
 
     def one(chunk) -> tuple[float, int, list[dict]]:
         """(loss x tokens, tokens, scored WER rows) of one batch: JSON-able, gathered between processes."""
-        if cache is not None:
-            memory, valid = cache.batch(chunk)
-            lengths = np.array([cache.samples[s.id] for s in chunk])
-        else:
-            x, lengths = pad_batch(load_clips(chunk, processor))  # rows of similar length: little padding
-            padded = bool((lengths != x.shape[1]).any())
-            memory, valid = model.encode(mx.array(x), mx.array(lengths) if padded else None)
-        mx.eval(memory)
-        total, count, scored = 0.0, 0, []
+        memory, valid, lengths = _encode(model, processor, chunk, cache)
         in_loss = [i for i, s in enumerate(chunk) if s.id in loss_ids]
-        if in_loss:
-            idx = mx.array(in_loss) if len(in_loss) < len(chunk) else None
-            tokens, labels = tokenize(processor, [chunk[i].text for i in in_loss], max_len)
-            batch = {"tokens": mx.array(tokens), "labels": mx.array(labels),
-                     "memory": memory if idx is None else memory[idx],
-                     "valid": valid if idx is None or valid is None else valid[idx]}
-            value, ntoks = loss(model, batch)
-            mx.eval(value, ntoks)
-            total, count = value.item() * ntoks.item(), int(ntoks.item())
+        total, count = _batch_loss(model, processor, chunk, in_loss, memory, valid, loss, max_len)
         in_wer = [i for i, s in enumerate(chunk) if s.id in wer_ids]
-        # A clip longer than eval's split limit is decoded as eval decodes it: in pieces, by transcribe_clips.
-        split = [i for i in in_wer if int(lengths[i]) > longest]
-        whole = [i for i in in_wer if int(lengths[i]) <= longest]
-        if whole:
-            idx = mx.array(whole)
-            results = decode_memory(model, processor, memory[idx], None if valid is None else valid[idx],
-                                    np.asarray(lengths)[whole], options)
-            scored += [dict(score(chunk[i].text, r.text), id=chunk[i].id) for i, r in zip(whole, results)]
-        if split:
-            results = transcribe_clips(model, processor, [chunk[i].audio_path for i in split], options, batch_size)
-            scored += [dict(score(chunk[i].text, r["text"]), id=chunk[i].id) for i, r in zip(split, results)]
+        scored = _batch_wer(model, processor, chunk, in_wer, memory, valid, lengths, options, batch_size)
         return total, count, scored
 
     chunks = [rows[b:b + batch_size] for b in range(0, len(rows), batch_size)]
@@ -98,6 +69,56 @@ def validation_pass(model, processor, samples, loss: Callable, *, loss_rows: Opt
         wer["samples"] = sorted(scored, key=lambda r: r["id"])
         out["wer"] = wer
     return out
+
+
+def _encode(model, processor, chunk, cache: Optional[EncoderCache]):
+    """(memory, valid, prepared clip lengths) of one validation batch: from the cache, or one encoder pass."""
+    if cache is not None:
+        memory, valid = cache.batch(chunk)
+        lengths = np.array([cache.samples[s.id] for s in chunk])
+    else:
+        x, lengths = pad_batch(load_clips(chunk, processor))  # rows of similar length: little padding
+        padded = bool((lengths != x.shape[1]).any())
+        memory, valid = model.encode(mx.array(x), mx.array(lengths) if padded else None)
+    mx.eval(memory)
+    return memory, valid, lengths
+
+
+def _batch_loss(model, processor, chunk, rows: list[int], memory, valid, loss: Callable, max_len):
+    """(loss x tokens, tokens) of the batch rows `rows`, teacher-forced on the batch's encoder memory."""
+    if not rows:
+        return 0.0, 0
+    idx = mx.array(rows) if len(rows) < len(chunk) else None
+    tokens, labels = tokenize(processor, [chunk[i].text for i in rows], max_len)
+    batch = {"tokens": mx.array(tokens), "labels": mx.array(labels),
+             "memory": memory if idx is None else memory[idx],
+             "valid": valid if idx is None or valid is None else valid[idx]}
+    value, ntoks = loss(model, batch)
+    mx.eval(value, ntoks)
+    return value.item() * ntoks.item(), int(ntoks.item())
+
+
+def _batch_wer(model, processor, chunk, rows: list[int], memory, valid, lengths, options, batch_size: int):
+    """Scored transcripts of the batch rows `rows`, decoded from the batch's encoder memory; a clip longer
+    than eval's split limit is decoded as eval decodes it: in pieces, by transcribe_clips."""
+    from ..audio import SAMPLE_RATE
+    from ..decoding import decode_memory
+    from ..metrics import score
+    from ..transcription import MAX_CHUNK_SECONDS, transcribe_clips
+
+    longest = int(MAX_CHUNK_SECONDS * SAMPLE_RATE)
+    split = [i for i in rows if int(lengths[i]) > longest]
+    whole = [i for i in rows if int(lengths[i]) <= longest]
+    scored = []
+    if whole:
+        idx = mx.array(whole)
+        results = decode_memory(model, processor, memory[idx], None if valid is None else valid[idx],
+                                np.asarray(lengths)[whole], options)
+        scored += [dict(score(chunk[i].text, r.text), id=chunk[i].id) for i, r in zip(whole, results)]
+    if split:
+        results = transcribe_clips(model, processor, [chunk[i].audio_path for i in split], options, batch_size)
+        scored += [dict(score(chunk[i].text, r["text"]), id=chunk[i].id) for i, r in zip(split, results)]
+    return scored
 
 
 # -- the same figures one pass at a time (reference for validation_pass; benchmarks) ----------------
