@@ -97,19 +97,9 @@ def train(model, processor, train_set, val_set, args: TrainArgs, *, run_dir=None
     if teacher is not None:
         loss = distill_loss(loss, args.replay_kd)
 
-    checkpoint = ts.find_checkpoint(run) if resume else None
-    if resume and checkpoint is None:
-        raise TrainingError(f"{run}: no checkpoint to resume from (expected {run / ts.CHECKPOINT}/state.json)")
-    config, n_trainable = adapt(model, args, checkpoint)
+    checkpoint, config, n_trainable, optimizer, progress_state = _adapted(model, args, run, resume, optimizer,
+                                                                         rows.warnings)
     caches, cache_line = encoder_caches(model, processor, args)
-    optimizer = optimizer if optimizer is not None else default_optimizer(args)
-    optimizer.init(model.trainable_parameters())
-    progress_state = ts.TrainProgress()
-    if checkpoint is not None:
-        progress_state = ts.restore(checkpoint, optimizer, model, args, rows.warnings)
-    else:
-        mx.random.seed(args.seed)
-
     ts.write_run_files(run, model, processor, args, config, decoding, train_set, val_set, heldout_set, replay_set,
                        extra=dict(n_trainable=int(n_trainable), encoder_cache=bool(caches),
                                   adapter_modules=len(config.modules or []), **(record or {})))
@@ -130,6 +120,21 @@ def train(model, processor, train_set, val_set, args: TrainArgs, *, run_dir=None
         err.summary = summary  # run_training still writes report.md from it
         raise err
     return summary
+
+
+def _adapted(model, args: TrainArgs, run: Path, resume: bool, optimizer, warnings: list):
+    """The adapters on `model` and the optimizer with its state, fresh or from the run's checkpoint:
+    (checkpoint or None, adapter config, trainable parameter count, optimizer, progress)."""
+    checkpoint = ts.find_checkpoint(run) if resume else None
+    if resume and checkpoint is None:
+        raise TrainingError(f"{run}: no checkpoint to resume from (expected {run / ts.CHECKPOINT}/state.json)")
+    config, n_trainable = adapt(model, args, checkpoint)
+    optimizer = optimizer if optimizer is not None else default_optimizer(args)
+    optimizer.init(model.trainable_parameters())
+    if checkpoint is not None:
+        return checkpoint, config, n_trainable, optimizer, ts.restore(checkpoint, optimizer, model, args, warnings)
+    mx.random.seed(args.seed)
+    return checkpoint, config, n_trainable, optimizer, ts.TrainProgress()
 
 
 class Session:
