@@ -81,10 +81,9 @@ def quickstart(out_dir: str | Path = "runs/quickstart", minutes: float = 12.0, s
     from .eval.canary import resolve_canary
     from .eval.compare import compare_runs
     from .decoding import DecodingOptions
-    from .eval.evaluate import evaluate, manifest_name
+    from .eval.evaluate import evaluate
     from .export.peft import export_peft
     from .loading import load
-    from .train.run import run_training
 
     t0 = time.perf_counter()
     out = Path(out_dir)
@@ -105,20 +104,7 @@ def quickstart(out_dir: str | Path = "runs/quickstart", minutes: float = 12.0, s
     del model
 
     run = out / "lora"
-    finished = (run / "report.md").is_file() and (run / "eval" / "tuned" / "summary.json").is_file()
-    if finished:
-        log(f"[3/6] training: reusing finished run {run}")
-    else:
-        log(f"[3/6] training LoRA (r=8 on q/v, {steps} steps, at most {minutes:g} min) ...")
-        cli = dict(model=str(model_dir), train=str(manifest["domain_train"]), val=str(manifest["domain_val"]),
-                   heldout=str(manifest["heldout_manifest"]), eval_test=str(manifest["domain_test"]),
-                   canary=canary or "none",
-                   out=str(run), baseline_run=str(out / "baseline"), max_steps=steps, max_minutes=minutes,
-                   eval_every=100, val_wer_samples=20)
-        # train's default mixes the bundled general-English replay set into every batch (ratio 0.5) with the
-        # base model as its teacher: that is what keeps general speech (README, "General speech")
-        resume = run if (run / "checkpoint").exists() else None
-        run_training(cli, resume=resume, decoding=options, log=log)
+    _train_stage(run, model_dir, manifest, canary, out, steps, minutes, options, log)
 
     log("[4/6] compare baseline vs tuned ...")
     report, ok = compare_runs(out / "baseline", run / "eval" / "tuned")
@@ -128,23 +114,55 @@ def quickstart(out_dir: str | Path = "runs/quickstart", minutes: float = 12.0, s
     peft_dir = export_peft(run, out / "peft", base_model_name_or_path=source if "/" in source else None,
                            force=True)
 
-    base = json.loads((out / "baseline" / "summary.json").read_text())["manifests"]
-    tuned = json.loads((run / "eval" / "tuned" / "summary.json").read_text())["manifests"]
-    rows = []
-    for name in ("domain_test", "heldout_manifest") + ((manifest_name(canary),) if canary else ()):
-        b, t = base[name]["wer"], tuned[name]["wer"]
-        rows.append((name, b, t, (t - b) / b if b else 0.0, 100 * (t - b)))
-    summary = {"model": source, "rows": rows, "verdict_ok": ok, "seconds": time.perf_counter() - t0,
+    summary = {"model": source, "rows": _wer_rows(out / "baseline", run / "eval" / "tuned", canary),
+               "verdict_ok": ok, "seconds": time.perf_counter() - t0,
                "artefacts": {"model": str(model_dir), "baseline": str(out / "baseline"), "run": str(run),
                              "report": str(run / "report.md"), "curves": [str(run / "loss.png"), str(run / "wer.png")],
                              "compare": str(out / "compare.txt"), "peft": str(peft_dir)}}
+    _print_summary(summary, report, log)
+    return summary
+
+
+def _train_stage(run: Path, model_dir, manifest: dict, canary, out: Path, steps: int, minutes: float, options,
+                 log) -> None:
+    """Stage 3: `train` on the example with its defaults (resumed from a checkpoint, or reused when finished)."""
+    from .train.run import run_training
+
+    if (run / "report.md").is_file() and (run / "eval" / "tuned" / "summary.json").is_file():
+        log(f"[3/6] training: reusing finished run {run}")
+        return
+    log(f"[3/6] training LoRA (r=8 on q/v, {steps} steps, at most {minutes:g} min) ...")
+    cli = dict(model=str(model_dir), train=str(manifest["domain_train"]), val=str(manifest["domain_val"]),
+               heldout=str(manifest["heldout_manifest"]), eval_test=str(manifest["domain_test"]),
+               canary=canary or "none", out=str(run), baseline_run=str(out / "baseline"), max_steps=steps,
+               max_minutes=minutes, eval_every=100, val_wer_samples=20)
+    # train's default mixes the bundled general-English replay set into every batch (ratio 0.5) with the
+    # base model as its teacher: that is what keeps general speech (README, "General speech")
+    resume = run if (run / "checkpoint").exists() else None
+    run_training(cli, resume=resume, decoding=options, log=log)
+
+
+def _wer_rows(baseline: Path, tuned: Path, canary) -> list[tuple]:
+    """(set, baseline WER, tuned WER, relative change, points) for the domain test, heldout and canary."""
+    from .eval.evaluate import manifest_name
+
+    base = json.loads((baseline / "summary.json").read_text())["manifests"]
+    after = json.loads((tuned / "summary.json").read_text())["manifests"]
+    rows = []
+    for name in ("domain_test", "heldout_manifest") + ((manifest_name(canary),) if canary else ()):
+        b, t = base[name]["wer"], after[name]["wer"]
+        rows.append((name, b, t, (t - b) / b if b else 0.0, 100 * (t - b)))
+    return rows
+
+
+def _print_summary(summary: dict, report: str, log) -> None:
     log("[6/6] done\n")
     log(f"{'set':18s} {'baseline WER':>13s} {'tuned WER':>10s} {'relative':>9s} {'abs pts':>8s}")
-    for name, b, t, rel, pts in rows:
+    for name, b, t, rel, pts in summary["rows"]:
         log(f"{name:18s} {b:13.2%} {t:10.2%} {rel:+9.1%} {pts:+8.2f}")
     log(f"\nguardrail: {report.strip().splitlines()[-1]}")
     log("\nartefacts:")
     for key, value in summary["artefacts"].items():
         log(f"  {key:9s} {', '.join(value) if isinstance(value, list) else value}")
     log(f"\ntotal {summary['seconds'] / 60:.1f} min")
-    return summary
+
