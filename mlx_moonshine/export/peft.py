@@ -306,6 +306,60 @@ def _split_key(key: str) -> tuple[str, str]:
     return module, leaf
 
 
+def _read_peft(peft_dir: Path) -> tuple[dict, dict]:
+    """(PEFT's adapter_config.json, its tensors) of a folder written by PEFT's save_pretrained."""
+    config_file, weights_file = peft_dir / PEFT_CONFIG, peft_dir / PEFT_WEIGHTS
+    if not config_file.is_file():
+        raise ModelError(f"{peft_dir} has no {PEFT_CONFIG}; pass a folder written by PEFT's save_pretrained")
+    if not weights_file.is_file():
+        hint = " (found adapter_model.bin: re-save with safe_serialization=True)" \
+            if (peft_dir / "adapter_model.bin").is_file() else ""
+        raise ModelError(f"{peft_dir} has no {PEFT_WEIGHTS}{hint}")
+    try:
+        return json.loads(config_file.read_text()), mx.load(str(weights_file))
+    except Exception as e:
+        raise ModelError(f"cannot read PEFT adapter {peft_dir}: {e}") from e
+
+
+def _peft_tensors(raw: dict, problems: list) -> tuple[dict, list]:
+    """Our adapter tensors (fp32, our names) and the adapted module paths; what cannot map goes to `problems`."""
+    weights, modules = {}, []
+    for key, value in raw.items():
+        module, name = _split_key(key)
+        if name not in ("lora_A", "lora_B", "magnitude"):
+            problems.append(f"tensor {key} ({'embedding' if 'embedding' in name else 'unsupported'} adapter)")
+            continue
+        if _PATH.match(module) is None:
+            problems.append(f"target {module} (only attention/MLP Linear layers of encoder/decoder layers)")
+        elif value.ndim != (1 if name == "magnitude" else 2):
+            problems.append(f"tensor {key} with shape {list(value.shape)} (conv adapters are not supported)")
+        if module not in modules:
+            modules.append(module)
+        weights[f"{module}.{name}"] = value.astype(mx.float32)
+    return weights, modules
+
+
+def _tensor_problems(cfg: dict, weights: dict, modules: list) -> list[str]:
+    """What in the tensors disagrees with PEFT's config: regex targets, missing tensors, ranks, magnitudes."""
+    problems = []
+    target = cfg.get("target_modules")
+    if isinstance(target, str) and not any(re.fullmatch(target, m) for m in modules):
+        problems.append(f"target_modules regex {target!r} matches none of the adapted modules {modules[:3]}")
+    r, use_dora = cfg.get("r"), bool(cfg.get("use_dora", False))
+    for module in modules:
+        for name in ["lora_A", "lora_B"] + (["magnitude"] if use_dora else []):
+            if f"{module}.{name}" not in weights:
+                problems.append(f"missing tensor for {module}.{name}")
+        A, B = weights.get(f"{module}.lora_A"), weights.get(f"{module}.lora_B")
+        if A is not None and A.ndim == 2 and A.shape[0] != r or B is not None and B.ndim == 2 and B.shape[1] != r:
+            problems.append(f"{module}: rank of lora_A/lora_B differs from r={r}")
+    if not use_dora and any(k.endswith(".magnitude") for k in weights):
+        problems.append("magnitude vectors present but use_dora is false")
+    if not modules:
+        problems.append(f"{PEFT_WEIGHTS} holds no LoRA tensors")
+    return problems
+
+
 def import_peft(peft_dir: PathLike, out_dir: PathLike, *, force: bool = False,
                 model_dir: Optional[PathLike] = None) -> Path:
     """Turn a PEFT LoRA/DoRA adapter folder into one of ours (`adapter_config.json` + `adapters.safetensors`).
@@ -324,49 +378,11 @@ def import_peft(peft_dir: PathLike, out_dir: PathLike, *, force: bool = False,
             rank/alpha patterns, biases, modules_to_save, embedding/conv or non-attention/MLP targets...).
     """
     peft_dir = Path(peft_dir)
-    config_file, weights_file = peft_dir / PEFT_CONFIG, peft_dir / PEFT_WEIGHTS
-    if not config_file.is_file():
-        raise ModelError(f"{peft_dir} has no {PEFT_CONFIG}; pass a folder written by PEFT's save_pretrained")
-    if not weights_file.is_file():
-        hint = " (found adapter_model.bin: re-save with safe_serialization=True)" \
-            if (peft_dir / "adapter_model.bin").is_file() else ""
-        raise ModelError(f"{peft_dir} has no {PEFT_WEIGHTS}{hint}")
-    try:
-        cfg = json.loads(config_file.read_text())
-        raw = mx.load(str(weights_file))
-    except Exception as e:
-        raise ModelError(f"cannot read PEFT adapter {peft_dir}: {e}") from e
+    cfg, raw = _read_peft(peft_dir)
     problems = _unsupported(cfg)
-
-    weights, modules = {}, []
-    for key, value in raw.items():
-        module, name = _split_key(key)
-        if name not in ("lora_A", "lora_B", "magnitude"):
-            problems.append(f"tensor {key} ({'embedding' if 'embedding' in name else 'unsupported'} adapter)")
-            continue
-        if _PATH.match(module) is None:
-            problems.append(f"target {module} (only attention/MLP Linear layers of encoder/decoder layers)")
-        elif value.ndim != (1 if name == "magnitude" else 2):
-            problems.append(f"tensor {key} with shape {list(value.shape)} (conv adapters are not supported)")
-        if module not in modules:
-            modules.append(module)
-        weights[f"{module}.{name}"] = value.astype(mx.float32)
-
-    target = cfg.get("target_modules")
-    if isinstance(target, str) and not any(re.fullmatch(target, m) for m in modules):
-        problems.append(f"target_modules regex {target!r} matches none of the adapted modules {modules[:3]}")
+    weights, modules = _peft_tensors(raw, problems)
     r, use_dora = cfg.get("r"), bool(cfg.get("use_dora", False))
-    for module in modules:
-        for name in ["lora_A", "lora_B"] + (["magnitude"] if use_dora else []):
-            if f"{module}.{name}" not in weights:
-                problems.append(f"missing tensor for {module}.{name}")
-        A, B = weights.get(f"{module}.lora_A"), weights.get(f"{module}.lora_B")
-        if A is not None and A.ndim == 2 and A.shape[0] != r or B is not None and B.ndim == 2 and B.shape[1] != r:
-            problems.append(f"{module}: rank of lora_A/lora_B differs from r={r}")
-    if not use_dora and any(k.endswith(".magnitude") for k in weights):
-        problems.append("magnitude vectors present but use_dora is false")
-    if not modules:
-        problems.append(f"{weights_file.name} holds no LoRA tensors")
+    problems += _tensor_problems(cfg, weights, modules)
     if problems:
         raise ModelError(f"PEFT adapter {peft_dir} uses features mlx-moonshine cannot import: "
                          + "; ".join(dict.fromkeys(problems)))
