@@ -10,7 +10,7 @@ folder of its own under OUT (resumable: a finished evaluation is reused):
   * the same with RMS normalisation to -20 dBFS (what `convert --normalize rms` records in a model folder);
   * beam 4 on the shared heldout set;
   * the bundled example (examples/atc): domain test and heldout WER/CER;
-  * WER per TTS engine (espeak-ng against the rest) on the shared sets and per accent on the bundled heldout.
+  * WER per TTS engine on the shared sets and per accent on the bundled heldout.
 Writes OUT/atc_results.md (the tables) and OUT/atc_results.json. Training figures come from `train` and
 benchmarks/guardrails.py (README, "General speech").
 """
@@ -67,6 +67,7 @@ def main(argv=None) -> int:
     ap.add_argument("--shared", required=True, help="the shared ATC data folder (domain_test/heldout manifests)")
     ap.add_argument("--beam", type=int, default=4)
     ap.add_argument("-o", "--out", required=True)
+    ap.add_argument("--write", default=None, help="also copy the tables here (benchmarks/ATC_RESULTS.md)")
     args = ap.parse_args(argv)
 
     from mlx_moonshine.decoding import DecodingOptions
@@ -94,7 +95,12 @@ def main(argv=None) -> int:
     meta = {**manifest_rows(domain), **manifest_rows(heldout)}
     example_meta = manifest_rows(EXAMPLE / "heldout_manifest.jsonl")
 
-    lines = ["| check | domain test | heldout |", "|---|---|---|"]
+    import time
+
+    lines = ["# ATC evaluation figures\n", f"{time.strftime('%Y-%m-%d')}; `python benchmarks/atc_results.py "
+             "--model BASE_MLX --shared data/atc -o OUT` (Moonshine base from moonshine-cpp 0.1.4, fp32; "
+             "data/atc is ../shared/data/atc; `eval`'s decoder, audio pipeline and scoring).\n",
+             "| check | domain test | heldout |", "|---|---|---|"]
     g, r = res["greedy"], res["rms"]
     same = {n: same_as_baseline([x for x in greedy_rows if x["manifest"] == n], baseline.get(f"{n}.jsonl", {}))
             for n in ("domain_test", "heldout_manifest")}
@@ -109,18 +115,20 @@ def main(argv=None) -> int:
     lines += ["", "Bundled example (examples/atc):", "", "| manifest | n | WER | CER |", "|---|---|---|---|"]
     lines += [f"| `{n}.jsonl` | {ex[n]['n']} | {ex[n]['wer']:.3f} | {ex[n]['cer']:.3f} |" for n in ex]
     by_engine = {n: grouped_wer([x for x in greedy_rows if x["manifest"] == n],
-                                lambda x: "espeak-ng" if meta.get(x["id"], {}).get("engine") == "espeak-ng"
-                                else "other engines") for n in same}
-    lines += ["", "Shared sets by TTS engine (base, greedy):", "", "| manifest | espeak-ng | other engines |",
-              "|---|---|---|"]
+                                lambda x: meta.get(x["id"], {}).get("engine", "?")) for n in same}
+    engines = sorted({e for groups in by_engine.values() for e in groups})
+    lines += ["", "Shared sets by TTS engine (base, greedy):", "", "| manifest | " + " | ".join(engines) + " |",
+              "|---|" + "---|" * len(engines)]
     for n, groups in by_engine.items():
-        lines.append(f"| {n} | " + " | ".join(f"{groups[k]['wer']:.2f} (n={groups[k]['n']})" if k in groups else "-"
-                                               for k in ("espeak-ng", "other engines")) + " |")
+        lines.append(f"| {n} | " + " | ".join(f"{groups[e]['wer']:.2f} (n={groups[e]['n']})" if e in groups else "-"
+                                               for e in engines) + " |")
     accents = grouped_wer([x for x in predictions(out / "example-greedy") if x["manifest"] == "heldout_manifest"],
                           lambda x: example_meta.get(x["id"], {}).get("speaker_group", "?"))
     lines += ["", "Bundled heldout by accent: " + ", ".join(f"{k} {v['wer']:.2f}" for k, v in accents.items())]
     text = "\n".join(lines) + "\n"
     (out / "atc_results.md").write_text(text)
+    if args.write:
+        Path(args.write).write_text(text)
     (out / "atc_results.json").write_text(json.dumps(dict(evals=res, same_as_transformers=same, by_engine=by_engine,
                                                           example_heldout_by_accent=accents, command=sys.argv),
                                                      indent=2, default=str) + "\n")
