@@ -12,7 +12,6 @@ import pytest
 import mlx_moonshine  # noqa: F401  (preloads OpenBLAS before anything imports mlx)
 import mlx.core as mx
 
-from mlx_moonshine.errors import ModelError
 from mlx_moonshine.models.streaming import StreamingArgs, StreamingModel, frame_lengths
 
 torch = pytest.importorskip("torch")
@@ -177,8 +176,3 @@ def test_args_from_nested_config_tolerate_unknown_keys():
     assert args.extra["some_future_key"] == 3
     # transformers leaves decoder_start_token_id None by default: fall back to bos.
     assert StreamingArgs.from_dict({"bos_token_id": 1}).decoder_start_token_id == 1
-
-
-def test_from_hf_dir_names_missing_files(tmp_path):
-    with pytest.raises(ModelError, match="config.json"):
-        StreamingModel.from_hf_dir(tmp_path)
