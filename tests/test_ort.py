@@ -1,4 +1,4 @@
-"""ONNX / ORT -> Hugging Face checkpoint conversion (mlx_moonshine/convert/ort.py, ort_graph.py)."""
+"""ONNX / ORT -> Hugging Face checkpoint conversion (mlx_moonshine/convert/)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,8 @@ import pytest
 import mlx_moonshine  # noqa: F401  (preloads OpenBLAS before anything imports mlx)
 from mlx_moonshine.convert import ort, wheels
 from mlx_moonshine.errors import ModelError
-from mlx_moonshine.convert.ort_graph import collect_params, load_graph
+from mlx_moonshine.convert.dequant import collect_params
+from mlx_moonshine.convert.ort_graph import load_graph
 
 
 def base_hf_dir() -> Path:

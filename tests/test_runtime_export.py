@@ -22,7 +22,8 @@ from mlx_moonshine.export.runtime import (
 )
 from mlx_moonshine.loading import load, save
 from mlx_moonshine.convert.ort import name_params
-from mlx_moonshine.convert.ort_graph import collect_params, load_graph
+from mlx_moonshine.convert.dequant import collect_params
+from mlx_moonshine.convert.ort_graph import load_graph
 
 pytest.importorskip("onnxruntime")
 from ort_builder import runtime_like_graphs  # noqa: E402  (needs onnxruntime's flatbuffer schema)

@@ -7,8 +7,8 @@ with a no-cache and a with-cache branch). Every matrix is weight-only int8: an i
 float with `Cast -> Mul -> Add`. The conversion
 
 1. reads both graphs (`ort_graph.load_graph`),
-2. dequantizes every weight by evaluating those graph nodes in float32 numpy (each op
-   rounded separately, like ORT's element-wise kernels, so the weights equal ORT's),
+2. dequantizes every weight by evaluating those graph nodes in float32 numpy (`dequant.collect_params`;
+   each op rounded separately, like ORT's element-wise kernels, so the weights equal ORT's),
 3. names each anonymous initializer (`onnx::MatMul_1947`) after the node that reads it
    (`/layers.0/self_attn/q_proj/MatMul` -> `model.encoder.layers.0.self_attn.q_proj.weight`),
    transposing MatMul weights to `nn.Linear`'s [out, in],
@@ -34,7 +34,8 @@ from ..audio import SAMPLE_RATE
 from ..errors import ModelError
 from ..io import atomic_save_safetensors, atomic_write_bytes, atomic_write_text, sha256_file
 from .wheels import DECODER_STEM, ENCODER_STEM
-from .ort_graph import Graph, Node, Param, check as _check, collect_params, load_graph
+from .dequant import Param, collect_params
+from .ort_graph import Graph, Node, check as _check, load_graph
 
 Log = Callable[[str], None] | None
 

@@ -108,7 +108,7 @@ def _int8_affine_names(graph, data: str) -> tuple[str, str]:
 def graph_slots(graph, prefix: str, tied: bool = True) -> dict[str, list[Slot]]:
     """HF name -> the slots holding it (two for a tied embedding stored again as proj_out)."""
     from ..convert.ort import named_sources
-    from ..convert.ort_graph import collect_params, quantized_weights
+    from ..convert.dequant import collect_params, quantized_weights
 
     quant = quantized_weights(graph)
     slots: dict[str, list[Slot]] = {}
@@ -203,7 +203,7 @@ def patch_graph(src: Path, dst: Path, weights: dict[str, np.ndarray], prefix: st
 
 def _reference_value(graph, slot: Slot) -> np.ndarray:
     """The slot's float value as `convert` read it (graph layout)."""
-    from ..convert.ort_graph import QuantWeight, dequantize
+    from ..convert.dequant import QuantWeight, dequantize
 
     data = graph.initializers[slot.data]
     if slot.scheme == "float32":
@@ -211,7 +211,7 @@ def _reference_value(graph, slot: Slot) -> np.ndarray:
     if slot.scheme == "uint8-dynamic":
         return dequantize(graph, QuantWeight(slot.data, slot.scale, slot.zero, ""))
     scale, zero = graph.initializers[slot.scale], graph.initializers[slot.zero]
-    return np.add(np.multiply(data.astype(np.float32), scale), zero)  # Cast -> Mul -> Add, as ort_graph folds
+    return np.add(np.multiply(data.astype(np.float32), scale), zero)  # Cast -> Mul -> Add, as dequant folds
 
 
 # --------------------------------------------------------------------------------------
@@ -255,7 +255,8 @@ def check_config(model_dir: Path, ref_dir: Path) -> None:
     """Refuse a config.json that differs from what the reference graphs compute, naming every field."""
     from ..loading import _read_json
     from ..convert.ort import derive_config, name_params
-    from ..convert.ort_graph import collect_params, load_graph
+    from ..convert.dequant import collect_params
+    from ..convert.ort_graph import load_graph
 
     enc, dec = load_graph(ref_dir / ENCODER), load_graph(ref_dir / DECODER)
     weights = {**name_params(enc, collect_params(enc), "model.encoder."),
