@@ -3,7 +3,8 @@
 Both formats become the same `Graph`: every node (subgraphs of `If` nodes flattened into
 one list, tagged with their scope) and every initializer as a numpy array. Subgraph nodes
 refer to outer-scope values by name, and the Moonshine exports never shadow a name, so one
-global name space is enough for the converter (`dequant.py` finds the weights in it).
+global name space is enough for the converter (`dequant.py` finds the weights in it,
+`naming.py` names them).
 
 `.ort` files are parsed with the flatbuffer schema that ships inside `onnxruntime`
 (`pip install 'mlx-moonshine[ort]'`); `.onnx` files need the `onnx` package. Both are
