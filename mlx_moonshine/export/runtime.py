@@ -255,8 +255,8 @@ def check_config(model_dir: Path, ref_dir: Path) -> None:
     """Refuse a config.json that differs from what the reference graphs compute, naming every field."""
     from ..loading import _read_json
     from ..convert.dequant import collect_params
+    from ..convert.hf_config import derive_config
     from ..convert.naming import name_params
-    from ..convert.ort import derive_config
     from ..convert.ort_graph import load_graph
 
     enc, dec = load_graph(ref_dir / ENCODER), load_graph(ref_dir / DECODER)
