@@ -70,10 +70,11 @@ def _rotary(graph: Graph, prefix: str) -> tuple[int, float]:
 
 def _attention_scale(graph: Graph, prefix: str) -> float:
     """The factor on q @ k^T: Mul(q, c) and Mul(k, c) before the MatMul, or FusedMatMul's alpha."""
-    fused = [n for n in graph.nodes if n.op == "FusedMatMul" and n.name.startswith(f"{prefix}/layers.0/self_attn/MatMul")]
+    qk_name = f"{prefix}/layers.0/self_attn/MatMul"
+    fused = [n for n in graph.nodes if n.op == "FusedMatMul" and n.name.startswith(qk_name)]
     if fused:
         return float(fused[0].attrs["alpha"])
-    qk = graph.node(f"{prefix}/layers.0/self_attn/MatMul")
+    qk = graph.node(qk_name)
     return _single_const_input(graph, graph.producers[qk.inputs[0]]) ** 2
 
 
@@ -103,11 +104,96 @@ def _single_const_input(graph: Graph, node: Node) -> float:
     return float(vals[0].item())
 
 
+def _check_scale_and_norms(enc: Graph, dec: Graph, head_dim: int) -> None:
+    """The attention scale and the norm epsilons HF's Moonshine fixes; pads that change nothing."""
+    # Attention scale head_dim**-0.5 on q @ k^T (split as head_dim**-0.25 on each of q and k in base,
+    # where the encoder's graph shows it plainly; ORT-optimized graphs fold it into FusedMatMul).
+    fused_decoder = any(n.op == "FusedMatMul" for n in dec.nodes)
+    for g, p in ((enc, ""), (dec, "/model/decoder"))[:2 if fused_decoder else 1]:
+        scale = _attention_scale(g, p)
+        check(math.isclose(scale, head_dim ** -0.5, rel_tol=1e-5), g, f"attention scale {scale}")
+    # HF uses LayerNorm(eps=1e-5, bias=False) and GroupNorm(1, C, eps=1e-5).
+    for g, p in ((enc, ""), (dec, "/model/decoder")):
+        eps = _layer_norm_eps(g, p)
+        check(math.isclose(eps, 1e-5, rel_tol=1e-6), g, f"layer norm eps {eps}")
+        check(_pads_are_noops(g), g, "graph pads with something other than constant zeros")
+    inorm = next((n for n in enc.nodes if n.op == "InstanceNormalization"), None)
+    check(inorm is not None and math.isclose(inorm.attrs["epsilon"], 1e-5, rel_tol=1e-6)
+          and enc.const(inorm.inputs[1]).item() == 1.0 and enc.const(inorm.inputs[2]).item() == 0.0,
+          enc, "GroupNorm is not InstanceNormalization(eps=1e-5) + affine")
+
+
+def _check_activations(enc: Graph, dec: Graph, intermediate: int) -> None:
+    """Encoder GELU is the exact erf form; decoder is SwiGLU with SiLU on the *second* half
+    of fc1, as HF's MoonshineDecoderMLP."""
+    # (ORT's fused Gelu is the erf form; its tanh approximation would be FastGelu.)
+    check(any((n.op == "Erf" and n.name.startswith("/layers.0/mlp/"))
+              or (n.op == "Gelu" and n.inputs[0].startswith("/layers.0/mlp/")) for n in enc.nodes), enc,
+          "encoder MLP is not exact (erf) GELU")
+    silu = [n for n in dec.nodes if n.name == "/model/decoder/layers.0/mlp/act_fn/Sigmoid"
+            or (n.op == "QuickGelu" and n.name.startswith("/model/decoder/layers.0/mlp/"))]
+    check(bool(silu) and all(n.op == "Sigmoid" or n.attrs.get("alpha") == 1.0 for n in silu), dec,
+          "decoder MLP gate is not SiLU (Sigmoid, or QuickGelu with alpha 1)")
+    gate_start = dec.producers[silu[0].inputs[0]].inputs[1]
+    if gate_start in dec.initializers:
+        second_half = int(dec.const(gate_start).item()) == intermediate
+    else:  # ORT-optimized: start = fc1.shape[-1] / 2
+        div = dec.producers.get(gate_start)
+        second_half = div is not None and div.op == "Div" and _single_const_input(dec, div) == 2
+    check(second_half, dec, "SwiGLU gate is not the 2nd half")
+
+
+def _check_tied_head(dec: Graph, weights: dict[str, np.ndarray]) -> None:
+    """Weight tying: logits = last_hidden @ Transpose(embed_tokens) in both branches, or (ORT-optimized)
+    a quantized proj_out that holds exactly the embedding's values."""
+    logits_nodes = [n for n in dec.nodes if "logits" in n.outputs and n.op != "If"]
+    check(bool(logits_nodes), dec, "no node writes 'logits'")
+    proj_out = weights.get("proj_out.weight")
+    if proj_out is not None:
+        check(np.array_equal(proj_out, weights["model.decoder.embed_tokens.weight"]), dec,
+              "proj_out differs from embed_tokens (untied head)")
+        logits_nodes = []
+    for node in logits_nodes:
+        weight = dec.producers.get(node.inputs[1]) if len(node.inputs) > 1 else None
+        check(node.op == "MatMul" and weight is not None and weight.op == "Transpose", dec,
+              f"{node.name} is not MatMul(x, Transpose(embedding))")
+        readers = dec.consumers[weight.inputs[0]]
+        check(any(c.name.endswith("/embed_tokens/Gather") and i == 0 for c, i in readers), dec,
+              "output projection is not the transposed embedding")
+
+
+def _special_tokens(tokenizer: dict) -> tuple[int, int]:
+    """(bos, eos): the ids of tokenizer.json's special <s> and </s>."""
+    special = {t["content"]: t["id"] for t in tokenizer.get("added_tokens", []) if t.get("special")}
+    if "<s>" not in special or "</s>" not in special:
+        raise ModelError("tokenizer.json has no special <s> / </s> tokens; pass the Moonshine tokenizer.json")
+    return special["<s>"], special["</s>"]
+
+
+def _provenance(rot_dim: int, head_dim: int, theta: float, attention_bias: bool, proj_out: bool) -> dict:
+    """Where each derived field came from, for the conversion record."""
+    return {
+        "vocab_size/hidden_size": "embed_tokens initializer shape",
+        "intermediate_size": "encoder fc1 rows (decoder fc1 = 2x, SwiGLU)",
+        "*_num_hidden_layers": "layer indices in consumer node names",
+        "*_num_attention_heads/key_value_heads": "Reshape target [B,T,heads,head_dim] after q/k_proj",
+        "rope_parameters": f"rotary_emb inv_freq: {rot_dim // 2} freqs -> rotary dim {rot_dim} of "
+                           f"head_dim {head_dim}, theta {theta:g}",
+        "*_hidden_act": "Erf (exact GELU) in encoder MLP, Sigmoid*x (SiLU) gate in decoder MLP",
+        "attention_bias": "bias Add after q/k/v/o projections" if attention_bias else
+                          "no bias Add after q/k/v/o projections",
+        "tie_word_embeddings": "logits MatMul reads Transpose(embed_tokens)" if not proj_out else
+                               "quantized proj_out equals embed_tokens element for element",
+        "bos/decoder_start/eos": "tokenizer.json <s>/</s>; moonshine-cpp starts decoding with <s>",
+        "pad_token_id": "= eos (upstream convention; never used by greedy decoding)",
+        **{k: f"upstream value {v} (not observable in the graph)" for k, v in UPSTREAM_ONLY_FIELDS.items()},
+    }
+
+
 def derive_config(enc: Graph, dec: Graph, weights: dict[str, np.ndarray],
                   tokenizer: dict) -> tuple[dict, dict]:
     """MoonshineConfig fields read from the graphs, and a provenance note per field."""
-    embed = weights["model.decoder.embed_tokens.weight"]
-    vocab_size, hidden = embed.shape
+    vocab_size, hidden = weights["model.decoder.embed_tokens.weight"].shape
     intermediate = weights["model.encoder.layers.0.mlp.fc1.weight"].shape[0]
     check(weights["model.decoder.layers.0.mlp.fc1.weight"].shape[0] == 2 * intermediate, dec,
           "decoder fc1 is not 2x the encoder's (SwiGLU)")
@@ -130,61 +216,11 @@ def derive_config(enc: Graph, dec: Graph, weights: dict[str, np.ndarray],
     while int(head_dim * factor) < rot_dim:
         factor = round(factor + 0.01, 2)
 
-    # Attention scale head_dim**-0.5 on q @ k^T (split as head_dim**-0.25 on each of q and k in base,
-    # where the encoder's graph shows it plainly; ORT-optimized graphs fold it into FusedMatMul).
-    fused_decoder = any(n.op == "FusedMatMul" for n in dec.nodes)
-    for g, p in ((enc, ""), (dec, "/model/decoder"))[:2 if fused_decoder else 1]:
-        scale = _attention_scale(g, p)
-        check(math.isclose(scale, head_dim ** -0.5, rel_tol=1e-5), g, f"attention scale {scale}")
-    # HF uses LayerNorm(eps=1e-5, bias=False) and GroupNorm(1, C, eps=1e-5).
-    for g, p in ((enc, ""), (dec, "/model/decoder")):
-        eps = _layer_norm_eps(g, p)
-        check(math.isclose(eps, 1e-5, rel_tol=1e-6), g, f"layer norm eps {eps}")
-        check(_pads_are_noops(g), g, "graph pads with something other than constant zeros")
-    inorm = next((n for n in enc.nodes if n.op == "InstanceNormalization"), None)
-    check(inorm is not None and math.isclose(inorm.attrs["epsilon"], 1e-5, rel_tol=1e-6)
-          and enc.const(inorm.inputs[1]).item() == 1.0 and enc.const(inorm.inputs[2]).item() == 0.0,
-          enc, "GroupNorm is not InstanceNormalization(eps=1e-5) + affine")
-
-    # Encoder GELU is the exact erf form; decoder is SwiGLU with SiLU on the *second* half
-    # of fc1, as HF's MoonshineDecoderMLP.
-    # (ORT's fused Gelu is the erf form; its tanh approximation would be FastGelu.)
-    check(any((n.op == "Erf" and n.name.startswith("/layers.0/mlp/"))
-              or (n.op == "Gelu" and n.inputs[0].startswith("/layers.0/mlp/")) for n in enc.nodes), enc,
-          "encoder MLP is not exact (erf) GELU")
-    silu = [n for n in dec.nodes if n.name == "/model/decoder/layers.0/mlp/act_fn/Sigmoid"
-            or (n.op == "QuickGelu" and n.name.startswith("/model/decoder/layers.0/mlp/"))]
-    check(bool(silu) and all(n.op == "Sigmoid" or n.attrs.get("alpha") == 1.0 for n in silu), dec,
-          "decoder MLP gate is not SiLU (Sigmoid, or QuickGelu with alpha 1)")
-    gate_start = dec.producers[silu[0].inputs[0]].inputs[1]
-    if gate_start in dec.initializers:
-        second_half = int(dec.const(gate_start).item()) == intermediate
-    else:  # ORT-optimized: start = fc1.shape[-1] / 2
-        div = dec.producers.get(gate_start)
-        second_half = div is not None and div.op == "Div" and _single_const_input(dec, div) == 2
-    check(second_half, dec, "SwiGLU gate is not the 2nd half")
-
-    # Weight tying: logits = last_hidden @ Transpose(embed_tokens) in both branches, or (ORT-optimized)
-    # a quantized proj_out that holds exactly the embedding's values.
-    logits_nodes = [n for n in dec.nodes if "logits" in n.outputs and n.op != "If"]
-    check(bool(logits_nodes), dec, "no node writes 'logits'")
-    proj_out = weights.get("proj_out.weight")
-    if proj_out is not None:
-        check(np.array_equal(proj_out, embed), dec, "proj_out differs from embed_tokens (untied head)")
-        logits_nodes = []
-    for node in logits_nodes:
-        weight = dec.producers.get(node.inputs[1]) if len(node.inputs) > 1 else None
-        check(node.op == "MatMul" and weight is not None and weight.op == "Transpose", dec,
-              f"{node.name} is not MatMul(x, Transpose(embedding))")
-        readers = dec.consumers[weight.inputs[0]]
-        check(any(c.name.endswith("/embed_tokens/Gather") and i == 0 for c, i in readers), dec,
-              "output projection is not the transposed embedding")
+    _check_scale_and_norms(enc, dec, head_dim)
+    _check_activations(enc, dec, intermediate)
+    _check_tied_head(dec, weights)
     attention_bias = any(re.search(r"_attn\.[qkvo]_proj\.bias$", k) for k in weights)
-
-    special = {t["content"]: t["id"] for t in tokenizer.get("added_tokens", []) if t.get("special")}
-    if "<s>" not in special or "</s>" not in special:
-        raise ModelError("tokenizer.json has no special <s> / </s> tokens; pass the Moonshine tokenizer.json")
-    bos, eos = special["<s>"], special["</s>"]
+    bos, eos = _special_tokens(tokenizer)
 
     fields = dict(
         vocab_size=int(vocab_size), hidden_size=int(hidden), intermediate_size=int(intermediate),
@@ -197,22 +233,7 @@ def derive_config(enc: Graph, dec: Graph, weights: dict[str, np.ndarray],
         bos_token_id=bos, decoder_start_token_id=bos, eos_token_id=eos, pad_token_id=eos,
         **UPSTREAM_ONLY_FIELDS,
     )
-    provenance = {
-        "vocab_size/hidden_size": "embed_tokens initializer shape",
-        "intermediate_size": "encoder fc1 rows (decoder fc1 = 2x, SwiGLU)",
-        "*_num_hidden_layers": "layer indices in consumer node names",
-        "*_num_attention_heads/key_value_heads": "Reshape target [B,T,heads,head_dim] after q/k_proj",
-        "rope_parameters": f"rotary_emb inv_freq: {rot_dim // 2} freqs -> rotary dim {rot_dim} of "
-                           f"head_dim {head_dim}, theta {theta:g}",
-        "*_hidden_act": "Erf (exact GELU) in encoder MLP, Sigmoid*x (SiLU) gate in decoder MLP",
-        "attention_bias": "bias Add after q/k/v/o projections" if attention_bias else
-                          "no bias Add after q/k/v/o projections",
-        "tie_word_embeddings": "logits MatMul reads Transpose(embed_tokens)" if proj_out is None else
-                               "quantized proj_out equals embed_tokens element for element",
-        "bos/decoder_start/eos": "tokenizer.json <s>/</s>; moonshine-cpp starts decoding with <s>",
-        "pad_token_id": "= eos (upstream convention; never used by greedy decoding)",
-        **{k: f"upstream value {v} (not observable in the graph)" for k, v in UPSTREAM_ONLY_FIELDS.items()},
-    }
+    provenance = _provenance(rot_dim, head_dim, theta, attention_bias, "proj_out.weight" in weights)
     return fields, provenance
 
 

@@ -1,10 +1,10 @@
 """Convert a Moonshine ONNX / ONNX Runtime export into a Hugging Face-format checkpoint.
 
 The PyPI wheels `moonshine-cpp==0.1.4` and `moonshine-voice==0.1.0` ship the real Moonshine
-*base* and *tiny* weights as two `.ort` graphs each (the HF `MoonshineEncoder`, and optimum's "merged" decoder: an `If` node
-with a no-cache and a with-cache branch). Every matrix is weight-only int8: an initializer
-`X_quantized` plus per-tensor `X_scale` / `X_zero_point` that the graph turns back into
-float with `Cast -> Mul -> Add`. The conversion
+*base* and *tiny* weights as two `.ort` graphs each (the HF `MoonshineEncoder`, and optimum's
+"merged" decoder: an `If` node with a no-cache and a with-cache branch). Every matrix is
+weight-only int8: an initializer `X_quantized` plus per-tensor `X_scale` / `X_zero_point` that
+the graph turns back into float with `Cast -> Mul -> Add`. The conversion
 
 1. reads both graphs (`ort_graph.load_graph`),
 2. dequantizes every weight by evaluating those graph nodes in float32 numpy (`dequant.collect_params`;
@@ -14,7 +14,7 @@ float with `Cast -> Mul -> Add`. The conversion
    transposing MatMul weights to `nn.Linear`'s [out, in] (`naming.name_params`),
 4. derives the `MoonshineConfig` fields from the graph (sizes, heads, RoPE, activations,
    norm epsilons, weight tying; `hf_config.derive_config`), and
-5. writes the files `save_pretrained` would write, in fp32.
+5. writes the files `save_pretrained` would write, in fp32 (here).
 
 The result is a *dequantized int8* model: the network moonshine-cpp runs, not the fp32
 UsefulSensors/moonshine-base checkpoint bit for bit.
@@ -25,6 +25,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 from typing import Callable
+
+import numpy as np
 
 from ..audio import SAMPLE_RATE
 from ..errors import ModelError
@@ -75,27 +77,8 @@ def _json(obj: dict) -> str:
     return json.dumps(obj, indent=2, sort_keys=True) + "\n"
 
 
-def ort_to_hf(src_dir: Path, out_dir: Path, *, tokenizer_json: Path | None = None,
-              log: Log = None) -> dict:
-    """Convert a Moonshine ONNX/ORT export into a Hugging Face checkpoint directory.
-
-    Args:
-        src_dir: Folder with `encoder_model.{ort,onnx}` and `decoder_model_merged.{ort,onnx}`
-            (or an `onnx/` subfolder holding them).
-        out_dir: Destination; receives config.json, generation_config.json, model.safetensors
-            (fp32), tokenizer.json, tokenizer_config.json and preprocessor_config.json.
-        tokenizer_json: HF tokenizer.json; default: `tokenizer.json` in src_dir.
-        log: Optional callable receiving progress lines.
-
-    Returns:
-        Provenance: source files with sha256, quantisation summary, config provenance,
-        tensor and parameter counts (JSON-serialisable, for the caller's conversion record).
-
-    Raises:
-        ModelError: missing inputs or reader packages, or a graph this converter does not understand.
-    """
-    src_dir, out_dir = Path(src_dir), Path(out_dir)
-    encoder_file, decoder_file = find_model_files(src_dir)
+def _read_tokenizer(src_dir: Path, encoder_file: Path, tokenizer_json: Path | None) -> tuple[Path, dict]:
+    """(path, parsed JSON) of the tokenizer.json given, or of the one next to the export."""
     if tokenizer_json is None:
         tokenizer_json = next((p for p in (src_dir / "tokenizer.json", encoder_file.parent / "tokenizer.json")
                                if p.is_file()), None)
@@ -104,18 +87,13 @@ def ort_to_hf(src_dir: Path, out_dir: Path, *, tokenizer_json: Path | None = Non
                              "(tokenizer_json=...)")
     tokenizer_json = Path(tokenizer_json)
     try:
-        tokenizer = json.loads(tokenizer_json.read_text(encoding="utf-8"))
+        return tokenizer_json, json.loads(tokenizer_json.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
         raise ModelError(f"{tokenizer_json}: cannot read as a tokenizer.json ({e})") from e
 
-    _note(log, f"reading {encoder_file.name} and {decoder_file.name} from {encoder_file.parent}")
-    enc, dec = load_graph(encoder_file), load_graph(decoder_file)
-    enc_params, dec_params = collect_params(enc), collect_params(dec)
-    weights = {**name_params(enc, enc_params, prefix="model.encoder."),
-               **name_params(dec, dec_params, prefix="")}
-    fields, provenance = derive_config(enc, dec, weights, tokenizer)
-    weights.pop("proj_out.weight", None)  # tied: derive_config checked it equals embed_tokens
 
+def _check_complete(src_dir: Path, weights: dict[str, np.ndarray], fields: dict) -> None:
+    """Refuse weights that are not exactly the state dict `fields` describes, naming the mismatches."""
     expected = expected_shapes(fields)
     missing, unexpected = sorted(set(expected) - set(weights)), sorted(set(weights) - set(expected))
     bad = {k: (tuple(weights[k].shape), expected[k]) for k in set(weights) & set(expected)
@@ -125,7 +103,9 @@ def ort_to_hf(src_dir: Path, out_dir: Path, *, tokenizer_json: Path | None = Non
                          f"{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}, "
                          f"wrong shapes {dict(list(bad.items())[:5])}")
 
-    _note(log, f"writing {len(weights)} tensors to {out_dir}")
+
+def _write_checkpoint(out_dir: Path, weights: dict[str, np.ndarray], fields: dict, tokenizer_json: Path) -> None:
+    """The files `save_pretrained` (and the processor's) would write, weights in fp32."""
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_save_safetensors(out_dir / "model.safetensors", dict(sorted(weights.items())),
                             metadata={"format": "pt"})
@@ -149,6 +129,42 @@ def ort_to_hf(src_dir: Path, out_dir: Path, *, tokenizer_json: Path | None = Non
     atomic_write_text(out_dir / "tokenizer_config.json", _json({
         "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>",
         "unk_token": "<unk>", "model_max_length": fields["max_position_embeddings"]}))
+
+
+def ort_to_hf(src_dir: Path, out_dir: Path, *, tokenizer_json: Path | None = None,
+              log: Log = None) -> dict:
+    """Convert a Moonshine ONNX/ORT export into a Hugging Face checkpoint directory.
+
+    Args:
+        src_dir: Folder with `encoder_model.{ort,onnx}` and `decoder_model_merged.{ort,onnx}`
+            (or an `onnx/` subfolder holding them).
+        out_dir: Destination; receives config.json, generation_config.json, model.safetensors
+            (fp32), tokenizer.json, tokenizer_config.json and preprocessor_config.json.
+        tokenizer_json: HF tokenizer.json; default: `tokenizer.json` in src_dir.
+        log: Optional callable receiving progress lines.
+
+    Returns:
+        Provenance: source files with sha256, quantisation summary, config provenance,
+        tensor and parameter counts (JSON-serialisable, for the caller's conversion record).
+
+    Raises:
+        ModelError: missing inputs or reader packages, or a graph this converter does not understand.
+    """
+    src_dir, out_dir = Path(src_dir), Path(out_dir)
+    encoder_file, decoder_file = find_model_files(src_dir)
+    tokenizer_json, tokenizer = _read_tokenizer(src_dir, encoder_file, tokenizer_json)
+
+    _note(log, f"reading {encoder_file.name} and {decoder_file.name} from {encoder_file.parent}")
+    enc, dec = load_graph(encoder_file), load_graph(decoder_file)
+    enc_params, dec_params = collect_params(enc), collect_params(dec)
+    weights = {**name_params(enc, enc_params, prefix="model.encoder."),
+               **name_params(dec, dec_params, prefix="")}
+    fields, provenance = derive_config(enc, dec, weights, tokenizer)
+    weights.pop("proj_out.weight", None)  # tied: derive_config checked it equals embed_tokens
+    _check_complete(src_dir, weights, fields)
+
+    _note(log, f"writing {len(weights)} tensors to {out_dir}")
+    _write_checkpoint(out_dir, weights, fields, tokenizer_json)
 
     params = enc_params + dec_params
     n_int8 = sum(p.recipe.startswith("int8") for p in params)
