@@ -1,4 +1,4 @@
-"""ONNX / ORT -> Hugging Face checkpoint conversion (mlx_moonshine/convert/ort.py, ort_graph.py)."""
+"""ONNX / ORT -> Hugging Face checkpoint conversion (mlx_moonshine/convert/)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,9 @@ import pytest
 import mlx_moonshine  # noqa: F401  (preloads OpenBLAS before anything imports mlx)
 from mlx_moonshine.convert import ort, wheels
 from mlx_moonshine.errors import ModelError
-from mlx_moonshine.convert.ort_graph import collect_params, load_graph
+from mlx_moonshine.convert.dequant import collect_params
+from mlx_moonshine.convert.naming import name_params
+from mlx_moonshine.convert.ort_graph import load_graph
 
 
 def base_hf_dir() -> Path:
@@ -119,7 +121,7 @@ def test_onnx_reader_dequantizes_and_names_weights_inside_if_branches(tmp_path):
     params = collect_params(g)
     assert [p.source for p in params] == ["onnx::MatMul_7_quantized"]
     assert params[0].recipe == "int8 -> Cast(to=float32) -> Mul(scale[1]) -> Add(zero_point[1])"
-    named = ort.name_params(g, params, prefix="")
+    named = name_params(g, params, prefix="")
     expected = (w_int8.astype(np.float32) * scale + zero).T  # nn.Linear layout [out, in]
     np.testing.assert_array_equal(named["model.decoder.layers.0.mlp.fc1.weight"], expected)
 

@@ -21,8 +21,9 @@ from mlx_moonshine.export.runtime import (
     DECODER, ENCODER, RuntimeExportError, export_runtime, quantize_int8_affine, quantize_uint8_dynamic,
 )
 from mlx_moonshine.loading import load, save
-from mlx_moonshine.convert.ort import name_params
-from mlx_moonshine.convert.ort_graph import collect_params, load_graph
+from mlx_moonshine.convert.dequant import collect_params
+from mlx_moonshine.convert.naming import name_params
+from mlx_moonshine.convert.ort_graph import load_graph
 
 pytest.importorskip("onnxruntime")
 from ort_builder import runtime_like_graphs  # noqa: E402  (needs onnxruntime's flatbuffer schema)

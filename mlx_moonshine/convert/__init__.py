@@ -1,1 +1,1 @@
-"""Conversion: Moonshine's ONNX/ORT graphs (and the PyPI wheels that ship them) read into Hugging Face weights."""
+"""Conversion: Moonshine's ONNX/ORT graphs (and the PyPI wheels that ship them) read, dequantised, named and written as HF weights."""

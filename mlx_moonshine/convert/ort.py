@@ -1,20 +1,20 @@
 """Convert a Moonshine ONNX / ONNX Runtime export into a Hugging Face-format checkpoint.
 
 The PyPI wheels `moonshine-cpp==0.1.4` and `moonshine-voice==0.1.0` ship the real Moonshine
-*base* and *tiny* weights as two `.ort` graphs each (the HF `MoonshineEncoder`, and optimum's "merged" decoder: an `If` node
-with a no-cache and a with-cache branch). Every matrix is weight-only int8: an initializer
-`X_quantized` plus per-tensor `X_scale` / `X_zero_point` that the graph turns back into
-float with `Cast -> Mul -> Add`. The conversion
+*base* and *tiny* weights as two `.ort` graphs each (the HF `MoonshineEncoder`, and optimum's
+"merged" decoder: an `If` node with a no-cache and a with-cache branch). Every matrix is
+weight-only int8: an initializer `X_quantized` plus per-tensor `X_scale` / `X_zero_point` that
+the graph turns back into float with `Cast -> Mul -> Add`. The conversion
 
 1. reads both graphs (`ort_graph.load_graph`),
-2. dequantizes every weight by evaluating those graph nodes in float32 numpy (each op
-   rounded separately, like ORT's element-wise kernels, so the weights equal ORT's),
+2. dequantizes every weight by evaluating those graph nodes in float32 numpy (`dequant.collect_params`;
+   each op rounded separately, like ORT's element-wise kernels, so the weights equal ORT's),
 3. names each anonymous initializer (`onnx::MatMul_1947`) after the node that reads it
    (`/layers.0/self_attn/q_proj/MatMul` -> `model.encoder.layers.0.self_attn.q_proj.weight`),
-   transposing MatMul weights to `nn.Linear`'s [out, in],
+   transposing MatMul weights to `nn.Linear`'s [out, in] (`naming.name_params`),
 4. derives the `MoonshineConfig` fields from the graph (sizes, heads, RoPE, activations,
-   norm epsilons, weight tying), and
-5. writes the files `save_pretrained` would write, in fp32.
+   norm epsilons, weight tying; `hf_config.derive_config`), and
+5. writes the files `save_pretrained` would write, in fp32 (here).
 
 The result is a *dequantized int8* model: the network moonshine-cpp runs, not the fp32
 UsefulSensors/moonshine-base checkpoint bit for bit.
@@ -23,34 +23,22 @@ UsefulSensors/moonshine-base checkpoint bit for bit.
 from __future__ import annotations
 
 import json
-import math
-import re
 from pathlib import Path
-from typing import Callable, NamedTuple
+from typing import Callable
 
 import numpy as np
 
 from ..audio import SAMPLE_RATE
 from ..errors import ModelError
 from ..io import atomic_save_safetensors, atomic_write_bytes, atomic_write_text, sha256_file
+from .dequant import collect_params
+from .hf_config import derive_config, expected_shapes
+from .naming import LEGACY_TO_HF_MODULE, name_params
+from .ort_graph import load_graph
 from .wheels import DECODER_STEM, ENCODER_STEM
-from .ort_graph import Graph, Node, Param, check as _check, collect_params, load_graph
 
 Log = Callable[[str], None] | None
 
-
-# The graphs come from an older transformers Moonshine whose attention output projection
-# was `dense` and whose decoder MLP used `up_proj`/`down_proj`.
-LEGACY_TO_HF_MODULE = {"dense": "o_proj", "up_proj": "fc1", "down_proj": "fc2"}
-
-# Config fields the graphs cannot tell us: values of the upstream UsefulSensors/moonshine-base
-# config. Neither changes the numbers the network computes.
-UPSTREAM_ONLY_FIELDS = {
-    # Rotary angles are computed on the fly (Range -> MatMul -> Cos/Sin): no table to measure.
-    "max_position_embeddings": 194,
-    # The graph attends with head_dim 52 unpadded; HF pads q/k/v with zeros to 56, a no-op.
-    "pad_head_dim_to_multiple_of": 8,
-}
 
 # Fixed MoonshineConfig fields that `save_pretrained` writes for this architecture.
 FIXED_CONFIG_FIELDS = {
@@ -63,341 +51,11 @@ FIXED_CONFIG_FIELDS = {
     "dtype": "float32",
 }
 
-# Encoder stem (fixed in HF's MoonshineEncoder, not in the config): (kernel, channel factor).
-CONV_KERNELS = {"conv1": 127, "conv2": 7, "conv3": 3}
-
 
 def _note(log: Log, msg: str) -> None:
     if log is not None:
         log(msg)
 
-
-# --------------------------------------------------------------------------------------
-# Naming: consumer node -> Hugging Face parameter name
-# --------------------------------------------------------------------------------------
-
-def module_path(node_name: str) -> str:
-    """'/model/decoder/layers.0/self_attn/q_proj/MatMul' -> 'model.decoder.layers.0.self_attn.q_proj'"""
-    parts = node_name.strip("/").split("/")[:-1]
-    return ".".join(LEGACY_TO_HF_MODULE.get(p, p) for p in parts)
-
-
-def _export_name(node_name: str, kind: str) -> str:
-    """Like module_path without renames: the name torch.onnx gave the tensor."""
-    return ".".join(node_name.strip("/").split("/")[:-1]) + "." + kind
-
-
-# (op_type, input index) -> (parameter kind, transform to HF layout)
-CONSUMER_RULES = {
-    ("MatMul", 1): ("weight", "transpose"),  # x @ W[in, out] -> nn.Linear.weight [out, in]
-    ("Conv", 1): ("weight", None),
-    ("Conv", 2): ("bias", None),
-    ("Gather", 0): ("weight", None),  # embedding lookup
-    ("Mul", 1): ("weight", "flatten"),  # LayerNorm / GroupNorm affine scale
-    ("Add", 1): ("bias", "flatten"),  # GroupNorm affine shift
-    ("Add", 0): ("bias", "flatten"),  # Linear bias (the exporter puts it first)
-    # ORT-optimized graphs (moonshine-voice tiny): fused and dynamically quantized operators.
-    ("MatMulIntegerToFloat", 1): ("weight", "transpose"),
-    ("DynamicQuantizeMatMul", 1): ("weight", "transpose"),
-    ("DynamicQuantizeMatMul", 4): ("bias", None),
-    ("MatMulIntegerToFloat", 6): ("bias", None),
-    ("FusedConv", 1): ("weight", None),
-    ("FusedConv", 2): ("bias", None),
-    ("LayerNormalization", 1): ("weight", None),
-    ("SkipLayerNormalization", 2): ("weight", None),
-}
-# Float constants that look like parameters but are not: RoPE's inv_freq, broadcast by Expand.
-NOT_PARAMETERS = {("Expand", 0)}
-# Suffixes the exporter and the ORT optimizer add to an initializer's name.
-SOURCE_SUFFIXES = r"(_merged_\d+)?(_quantized)?(_add_tensor)?$"
-
-
-class Source(NamedTuple):
-    """Where one HF parameter lives in a graph."""
-
-    value: np.ndarray  # float32, HF layout
-    initializer: str  # the stored tensor (int8/uint8 data, or float32 as is)
-    transform: str | None  # graph layout -> HF: "transpose", "flatten" or None
-
-
-def name_params(graph: Graph, params: list[Param], prefix: str) -> dict[str, np.ndarray]:
-    """Map every Param to its HF name; readers in both `If` branches must agree."""
-    return {name: src.value for name, src in named_sources(graph, params, prefix).items()}
-
-
-def named_sources(graph: Graph, params: list[Param], prefix: str) -> dict[str, Source]:
-    """HF name -> its `Source`, for every Param."""
-    named: dict[str, Source] = {}
-    for p in params:
-        names, transforms = set(), set()
-        own = re.sub(SOURCE_SUFFIXES, "", p.source)  # exporter's name, if kept
-        readers = [(node, idx) for node, idx in graph.consumers.get(p.tensor, [])
-                   if node.op != "Transpose"]  # tied output projection, checked in derive_config
-        if readers and all((node.op, idx) in NOT_PARAMETERS for node, idx in readers):
-            continue
-        for node, idx in readers:
-            rule = CONSUMER_RULES.get((node.op, idx))
-            # A fused node may have lost its scope name; then the state-dict name it kept is the name.
-            scoped = node.name.startswith("/")
-            _check(rule is not None and (scoped or re.fullmatch(r"[\w.]+", own) is not None), graph,
-                   f"{p.source} is read by an unexpected node {node.op}[{idx}] {node.name!r}")
-            kind, transform = rule
-            names.add(prefix + (module_path(node.name) + "." + kind if scoped else own))
-            transforms.add(transform)
-            _check(not scoped or own.startswith("onnx::") or own == _export_name(node.name, kind), graph,
-                   f"{p.source} is read by {node.name!r}, which suggests another name")
-        _check(len(names) == 1 and len(transforms) == 1, graph,
-               f"{p.source} maps to {sorted(names) or 'no'} parameter names")
-        hf_name, transform = names.pop(), transforms.pop()
-        value = p.value
-        if transform == "transpose":
-            value = value.T
-        elif transform == "flatten":
-            value = value.reshape(-1)
-        _check(hf_name not in named, graph, f"{hf_name} is produced twice")
-        named[hf_name] = Source(np.ascontiguousarray(value, dtype=np.float32), p.source, transform)
-    return named
-
-
-# --------------------------------------------------------------------------------------
-# Config
-# --------------------------------------------------------------------------------------
-
-def _projection(graph: Graph, module: str) -> Node:
-    """The MatMul of a linear layer: `<module>/MatMul`, or its quantized `<module>/MatMul_quant`."""
-    for n in graph.nodes:
-        if n.name in (f"{module}/MatMul", f"{module}/MatMul_quant"):
-            return n
-    return graph.node(f"{module}/MatMul")  # raises, naming what was expected
-
-
-def _reshape_heads(graph: Graph, proj: str) -> tuple[int, int]:
-    """(num_heads, head_dim) from the Reshape([B, T, heads, head_dim]) after a projection."""
-    out = _projection(graph, proj).outputs[0]
-    reshape = next((n for n, i in graph.consumers.get(out, []) if n.op == "Reshape" and i == 0), None)
-    _check(reshape is not None, graph, f"no head Reshape after {proj}")
-    concat = graph.producers[reshape.inputs[1]]
-    heads, head_dim = (int(graph.const(x).item()) for x in concat.inputs[-2:])
-    return heads, head_dim
-
-
-def _rotary(graph: Graph, prefix: str) -> tuple[int, float]:
-    """(rotary_dim, theta) from inv_freq, the constant operand of rotary_emb/MatMul (maybe Expand-ed)."""
-    matmul = graph.node(f"{prefix}/rotary_emb/MatMul")
-    operands = [graph.producers[x].inputs[0] if x in graph.producers and graph.producers[x].op == "Expand" else x
-                for x in matmul.inputs]
-    inv_freq = next((graph.const(x) for x in operands if x in graph.initializers), None)
-    _check(inv_freq is not None, graph, "rotary_emb/MatMul has no constant inv_freq")
-    inv_freq = inv_freq.reshape(-1)
-    dim = 2 * inv_freq.size
-    theta = float(round(inv_freq[1] ** (-dim / 2)))
-    expected = 1.0 / theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim)
-    _check(np.allclose(inv_freq, expected, rtol=1e-6), graph, "inv_freq is not theta^(-2i/dim)")
-    # q[..., :dim] is the rotated part (first Slice of the query in layer 0). ORT-optimized graphs
-    # slice at cos.shape[-1], which is 2 * len(inv_freq) by construction.
-    q_slice = graph.node(f"{prefix}/layers.0/self_attn/Slice")
-    if q_slice.inputs[2] in graph.initializers:
-        _check(int(graph.const(q_slice.inputs[2]).item()) == dim, graph, "rotary slice != 2 * len(inv_freq)")
-    return dim, theta
-
-
-def _attention_scale(graph: Graph, prefix: str) -> float:
-    """The factor on q @ k^T: Mul(q, c) and Mul(k, c) before the MatMul, or FusedMatMul's alpha."""
-    fused = [n for n in graph.nodes if n.op == "FusedMatMul" and n.name.startswith(f"{prefix}/layers.0/self_attn/MatMul")]
-    if fused:
-        return float(fused[0].attrs["alpha"])
-    qk = graph.node(f"{prefix}/layers.0/self_attn/MatMul")
-    return _single_const_input(graph, graph.producers[qk.inputs[0]]) ** 2
-
-
-def _layer_norm_eps(graph: Graph, prefix: str) -> float:
-    """eps of the first input_layernorm: a LayerNormalization node (bias must be 0), or its decomposed Add."""
-    module = f"{prefix}/layers.0/input_layernorm"
-    fused = [n for n in graph.nodes if n.name == f"{module}/LayerNormalization"]
-    if not fused:
-        return _single_const_input(graph, graph.node(f"{module}/Add"))
-    for n in graph.nodes:  # HF's LayerNorm(bias=False): the exporter passes a zero bias constant
-        if n.op in ("LayerNormalization", "SkipLayerNormalization"):
-            bias = n.inputs[2 if n.op == "LayerNormalization" else 3] if len(n.inputs) > 2 else ""
-            _check(not bias or (bias in graph.initializers and not graph.initializers[bias].any()), graph,
-                   f"{n.name} has a non-zero bias; HF Moonshine layer norms have none")
-    return float(fused[0].attrs["epsilon"])
-
-
-def _pads_are_noops(graph: Graph) -> bool:
-    """HF pads q/k/v's head_dim with zeros (pad_head_dim_to_multiple_of) and slices it off: a no-op."""
-    return all(n.attrs.get("mode", "constant") == "constant" and (len(n.inputs) < 3 or not n.inputs[2])
-               and n.inputs[1] in graph.initializers for n in graph.nodes if n.op == "Pad")
-
-
-def _single_const_input(graph: Graph, node: Node) -> float:
-    vals = [graph.const(x) for x in node.inputs if x in graph.initializers]
-    _check(len(vals) == 1 and vals[0].size == 1, graph, f"{node.name} has no single scalar constant")
-    return float(vals[0].item())
-
-
-def derive_config(enc: Graph, dec: Graph, weights: dict[str, np.ndarray],
-                  tokenizer: dict) -> tuple[dict, dict]:
-    """MoonshineConfig fields read from the graphs, and a provenance note per field."""
-    embed = weights["model.decoder.embed_tokens.weight"]
-    vocab_size, hidden = embed.shape
-    intermediate = weights["model.encoder.layers.0.mlp.fc1.weight"].shape[0]
-    _check(weights["model.decoder.layers.0.mlp.fc1.weight"].shape[0] == 2 * intermediate, dec,
-           "decoder fc1 is not 2x the encoder's (SwiGLU)")
-
-    def n_layers(stack: str) -> int:
-        return len({int(m.group(1)) for k in weights
-                    if (m := re.match(rf"model\.{stack}\.layers\.(\d+)\.", k))})
-
-    enc_heads, head_dim = _reshape_heads(enc, "/layers.0/self_attn/q_proj")
-    enc_kv_heads, _ = _reshape_heads(enc, "/layers.0/self_attn/k_proj")
-    dec_heads, dec_head_dim = _reshape_heads(dec, "/model/decoder/layers.0/self_attn/q_proj")
-    dec_kv_heads, _ = _reshape_heads(dec, "/model/decoder/layers.0/self_attn/k_proj")
-    _check(head_dim == dec_head_dim == hidden // enc_heads == hidden // dec_heads, dec,
-           "encoder and decoder head sizes differ")
-
-    rot_dim, theta = _rotary(enc, "")
-    _check((rot_dim, theta) == _rotary(dec, "/model/decoder"), dec, "encoder and decoder RoPE differ")
-    # HF: rotary_dim = int(head_dim * partial_rotary_factor); pick the 2-decimal factor.
-    factor = round(rot_dim / head_dim, 2)
-    while int(head_dim * factor) < rot_dim:
-        factor = round(factor + 0.01, 2)
-
-    # Attention scale head_dim**-0.5 on q @ k^T (split as head_dim**-0.25 on each of q and k in base,
-    # where the encoder's graph shows it plainly; ORT-optimized graphs fold it into FusedMatMul).
-    fused_decoder = any(n.op == "FusedMatMul" for n in dec.nodes)
-    for g, p in ((enc, ""), (dec, "/model/decoder"))[:2 if fused_decoder else 1]:
-        scale = _attention_scale(g, p)
-        _check(math.isclose(scale, head_dim ** -0.5, rel_tol=1e-5), g, f"attention scale {scale}")
-    # HF uses LayerNorm(eps=1e-5, bias=False) and GroupNorm(1, C, eps=1e-5).
-    for g, p in ((enc, ""), (dec, "/model/decoder")):
-        eps = _layer_norm_eps(g, p)
-        _check(math.isclose(eps, 1e-5, rel_tol=1e-6), g, f"layer norm eps {eps}")
-        _check(_pads_are_noops(g), g, "graph pads with something other than constant zeros")
-    inorm = next((n for n in enc.nodes if n.op == "InstanceNormalization"), None)
-    _check(inorm is not None and math.isclose(inorm.attrs["epsilon"], 1e-5, rel_tol=1e-6)
-           and enc.const(inorm.inputs[1]).item() == 1.0 and enc.const(inorm.inputs[2]).item() == 0.0,
-           enc, "GroupNorm is not InstanceNormalization(eps=1e-5) + affine")
-
-    # Encoder GELU is the exact erf form; decoder is SwiGLU with SiLU on the *second* half
-    # of fc1, as HF's MoonshineDecoderMLP.
-    # (ORT's fused Gelu is the erf form; its tanh approximation would be FastGelu.)
-    _check(any((n.op == "Erf" and n.name.startswith("/layers.0/mlp/"))
-               or (n.op == "Gelu" and n.inputs[0].startswith("/layers.0/mlp/")) for n in enc.nodes), enc,
-           "encoder MLP is not exact (erf) GELU")
-    silu = [n for n in dec.nodes if n.name == "/model/decoder/layers.0/mlp/act_fn/Sigmoid"
-            or (n.op == "QuickGelu" and n.name.startswith("/model/decoder/layers.0/mlp/"))]
-    _check(bool(silu) and all(n.op == "Sigmoid" or n.attrs.get("alpha") == 1.0 for n in silu), dec,
-           "decoder MLP gate is not SiLU (Sigmoid, or QuickGelu with alpha 1)")
-    gate_start = dec.producers[silu[0].inputs[0]].inputs[1]
-    if gate_start in dec.initializers:
-        second_half = int(dec.const(gate_start).item()) == intermediate
-    else:  # ORT-optimized: start = fc1.shape[-1] / 2
-        div = dec.producers.get(gate_start)
-        second_half = div is not None and div.op == "Div" and _single_const_input(dec, div) == 2
-    _check(second_half, dec, "SwiGLU gate is not the 2nd half")
-
-    # Weight tying: logits = last_hidden @ Transpose(embed_tokens) in both branches, or (ORT-optimized)
-    # a quantized proj_out that holds exactly the embedding's values.
-    logits_nodes = [n for n in dec.nodes if "logits" in n.outputs and n.op != "If"]
-    _check(bool(logits_nodes), dec, "no node writes 'logits'")
-    proj_out = weights.get("proj_out.weight")
-    if proj_out is not None:
-        _check(np.array_equal(proj_out, embed), dec, "proj_out differs from embed_tokens (untied head)")
-        logits_nodes = []
-    for node in logits_nodes:
-        weight = dec.producers.get(node.inputs[1]) if len(node.inputs) > 1 else None
-        _check(node.op == "MatMul" and weight is not None and weight.op == "Transpose", dec,
-               f"{node.name} is not MatMul(x, Transpose(embedding))")
-        readers = dec.consumers[weight.inputs[0]]
-        _check(any(c.name.endswith("/embed_tokens/Gather") and i == 0 for c, i in readers), dec,
-               "output projection is not the transposed embedding")
-    attention_bias = any(re.search(r"_attn\.[qkvo]_proj\.bias$", k) for k in weights)
-
-    special = {t["content"]: t["id"] for t in tokenizer.get("added_tokens", []) if t.get("special")}
-    if "<s>" not in special or "</s>" not in special:
-        raise ModelError("tokenizer.json has no special <s> / </s> tokens; pass the Moonshine tokenizer.json")
-    bos, eos = special["<s>"], special["</s>"]
-
-    fields = dict(
-        vocab_size=int(vocab_size), hidden_size=int(hidden), intermediate_size=int(intermediate),
-        encoder_num_hidden_layers=n_layers("encoder"), decoder_num_hidden_layers=n_layers("decoder"),
-        encoder_num_attention_heads=enc_heads, decoder_num_attention_heads=dec_heads,
-        encoder_num_key_value_heads=enc_kv_heads, decoder_num_key_value_heads=dec_kv_heads,
-        encoder_hidden_act="gelu", decoder_hidden_act="silu",
-        attention_bias=attention_bias, tie_word_embeddings=True,
-        rope_parameters={"rope_type": "default", "rope_theta": theta, "partial_rotary_factor": factor},
-        bos_token_id=bos, decoder_start_token_id=bos, eos_token_id=eos, pad_token_id=eos,
-        **UPSTREAM_ONLY_FIELDS,
-    )
-    provenance = {
-        "vocab_size/hidden_size": "embed_tokens initializer shape",
-        "intermediate_size": "encoder fc1 rows (decoder fc1 = 2x, SwiGLU)",
-        "*_num_hidden_layers": "layer indices in consumer node names",
-        "*_num_attention_heads/key_value_heads": "Reshape target [B,T,heads,head_dim] after q/k_proj",
-        "rope_parameters": f"rotary_emb inv_freq: {rot_dim // 2} freqs -> rotary dim {rot_dim} of "
-                           f"head_dim {head_dim}, theta {theta:g}",
-        "*_hidden_act": "Erf (exact GELU) in encoder MLP, Sigmoid*x (SiLU) gate in decoder MLP",
-        "attention_bias": "bias Add after q/k/v/o projections" if attention_bias else
-                          "no bias Add after q/k/v/o projections",
-        "tie_word_embeddings": "logits MatMul reads Transpose(embed_tokens)" if proj_out is None else
-                               "quantized proj_out equals embed_tokens element for element",
-        "bos/decoder_start/eos": "tokenizer.json <s>/</s>; moonshine-cpp starts decoding with <s>",
-        "pad_token_id": "= eos (upstream convention; never used by greedy decoding)",
-        **{k: f"upstream value {v} (not observable in the graph)" for k, v in UPSTREAM_ONLY_FIELDS.items()},
-    }
-    return fields, provenance
-
-
-def expected_shapes(cfg: dict) -> dict[str, tuple[int, ...]]:
-    """Keys and shapes `save_pretrained` writes for this config (tied proj_out omitted)."""
-    H, inter, bias = cfg["hidden_size"], cfg["intermediate_size"], cfg["attention_bias"]
-    shapes: dict[str, tuple[int, ...]] = {}
-
-    def attention(prefix: str, heads: int, kv_heads: int) -> None:
-        head_dim = H // heads
-        for proj, rows in (("q", heads * head_dim), ("k", kv_heads * head_dim), ("v", kv_heads * head_dim)):
-            shapes[f"{prefix}.{proj}_proj.weight"] = (rows, H)
-            if bias:
-                shapes[f"{prefix}.{proj}_proj.bias"] = (rows,)
-        shapes[f"{prefix}.o_proj.weight"] = (H, heads * head_dim)
-        if bias:
-            shapes[f"{prefix}.o_proj.bias"] = (H,)
-
-    def mlp(prefix: str, fc1_rows: int) -> None:
-        shapes.update({f"{prefix}.fc1.weight": (fc1_rows, H), f"{prefix}.fc1.bias": (fc1_rows,),
-                       f"{prefix}.fc2.weight": (H, inter), f"{prefix}.fc2.bias": (H,)})
-
-    e = "model.encoder"
-    # conv1: 1 -> H (no bias), conv2: H -> 2H, conv3: 2H -> H; kernels fixed by the architecture.
-    shapes[f"{e}.conv1.weight"] = (H, 1, CONV_KERNELS["conv1"])
-    shapes.update({f"{e}.conv2.weight": (2 * H, H, CONV_KERNELS["conv2"]), f"{e}.conv2.bias": (2 * H,),
-                   f"{e}.conv3.weight": (H, 2 * H, CONV_KERNELS["conv3"]), f"{e}.conv3.bias": (H,),
-                   f"{e}.groupnorm.weight": (H,), f"{e}.groupnorm.bias": (H,), f"{e}.layer_norm.weight": (H,)})
-    for i in range(cfg["encoder_num_hidden_layers"]):
-        p = f"{e}.layers.{i}"
-        attention(f"{p}.self_attn", cfg["encoder_num_attention_heads"], cfg["encoder_num_key_value_heads"])
-        mlp(f"{p}.mlp", inter)
-        for norm in ("input_layernorm", "post_attention_layernorm"):
-            shapes[f"{p}.{norm}.weight"] = (H,)
-    d = "model.decoder"
-    shapes[f"{d}.embed_tokens.weight"] = (cfg["vocab_size"], H)
-    shapes[f"{d}.norm.weight"] = (H,)
-    for i in range(cfg["decoder_num_hidden_layers"]):
-        p = f"{d}.layers.{i}"
-        for attn in ("self_attn", "encoder_attn"):
-            attention(f"{p}.{attn}", cfg["decoder_num_attention_heads"], cfg["decoder_num_key_value_heads"])
-        mlp(f"{p}.mlp", 2 * inter)  # SwiGLU: value and gate halves
-        for norm in ("input_layernorm", "post_attention_layernorm", "final_layernorm"):
-            shapes[f"{p}.{norm}.weight"] = (H,)
-    if not cfg["tie_word_embeddings"]:
-        shapes["proj_out.weight"] = (cfg["vocab_size"], H)
-    return shapes
-
-
-# --------------------------------------------------------------------------------------
-# Conversion
-# --------------------------------------------------------------------------------------
 
 def find_model_files(src_dir: Path) -> tuple[Path, Path]:
     """(encoder, decoder) model files in src_dir or src_dir/onnx; `.ort` preferred over `.onnx`."""
@@ -419,27 +77,8 @@ def _json(obj: dict) -> str:
     return json.dumps(obj, indent=2, sort_keys=True) + "\n"
 
 
-def ort_to_hf(src_dir: Path, out_dir: Path, *, tokenizer_json: Path | None = None,
-              log: Log = None) -> dict:
-    """Convert a Moonshine ONNX/ORT export into a Hugging Face checkpoint directory.
-
-    Args:
-        src_dir: Folder with `encoder_model.{ort,onnx}` and `decoder_model_merged.{ort,onnx}`
-            (or an `onnx/` subfolder holding them).
-        out_dir: Destination; receives config.json, generation_config.json, model.safetensors
-            (fp32), tokenizer.json, tokenizer_config.json and preprocessor_config.json.
-        tokenizer_json: HF tokenizer.json; default: `tokenizer.json` in src_dir.
-        log: Optional callable receiving progress lines.
-
-    Returns:
-        Provenance: source files with sha256, quantisation summary, config provenance,
-        tensor and parameter counts (JSON-serialisable, for the caller's conversion record).
-
-    Raises:
-        ModelError: missing inputs or reader packages, or a graph this converter does not understand.
-    """
-    src_dir, out_dir = Path(src_dir), Path(out_dir)
-    encoder_file, decoder_file = find_model_files(src_dir)
+def _read_tokenizer(src_dir: Path, encoder_file: Path, tokenizer_json: Path | None) -> tuple[Path, dict]:
+    """(path, parsed JSON) of the tokenizer.json given, or of the one next to the export."""
     if tokenizer_json is None:
         tokenizer_json = next((p for p in (src_dir / "tokenizer.json", encoder_file.parent / "tokenizer.json")
                                if p.is_file()), None)
@@ -448,18 +87,13 @@ def ort_to_hf(src_dir: Path, out_dir: Path, *, tokenizer_json: Path | None = Non
                              "(tokenizer_json=...)")
     tokenizer_json = Path(tokenizer_json)
     try:
-        tokenizer = json.loads(tokenizer_json.read_text(encoding="utf-8"))
+        return tokenizer_json, json.loads(tokenizer_json.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
         raise ModelError(f"{tokenizer_json}: cannot read as a tokenizer.json ({e})") from e
 
-    _note(log, f"reading {encoder_file.name} and {decoder_file.name} from {encoder_file.parent}")
-    enc, dec = load_graph(encoder_file), load_graph(decoder_file)
-    enc_params, dec_params = collect_params(enc), collect_params(dec)
-    weights = {**name_params(enc, enc_params, prefix="model.encoder."),
-               **name_params(dec, dec_params, prefix="")}
-    fields, provenance = derive_config(enc, dec, weights, tokenizer)
-    weights.pop("proj_out.weight", None)  # tied: derive_config checked it equals embed_tokens
 
+def _check_complete(src_dir: Path, weights: dict[str, np.ndarray], fields: dict) -> None:
+    """Refuse weights that are not exactly the state dict `fields` describes, naming the mismatches."""
     expected = expected_shapes(fields)
     missing, unexpected = sorted(set(expected) - set(weights)), sorted(set(weights) - set(expected))
     bad = {k: (tuple(weights[k].shape), expected[k]) for k in set(weights) & set(expected)
@@ -469,7 +103,9 @@ def ort_to_hf(src_dir: Path, out_dir: Path, *, tokenizer_json: Path | None = Non
                          f"{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}, "
                          f"wrong shapes {dict(list(bad.items())[:5])}")
 
-    _note(log, f"writing {len(weights)} tensors to {out_dir}")
+
+def _write_checkpoint(out_dir: Path, weights: dict[str, np.ndarray], fields: dict, tokenizer_json: Path) -> None:
+    """The files `save_pretrained` (and the processor's) would write, weights in fp32."""
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_save_safetensors(out_dir / "model.safetensors", dict(sorted(weights.items())),
                             metadata={"format": "pt"})
@@ -493,6 +129,42 @@ def ort_to_hf(src_dir: Path, out_dir: Path, *, tokenizer_json: Path | None = Non
     atomic_write_text(out_dir / "tokenizer_config.json", _json({
         "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>",
         "unk_token": "<unk>", "model_max_length": fields["max_position_embeddings"]}))
+
+
+def ort_to_hf(src_dir: Path, out_dir: Path, *, tokenizer_json: Path | None = None,
+              log: Log = None) -> dict:
+    """Convert a Moonshine ONNX/ORT export into a Hugging Face checkpoint directory.
+
+    Args:
+        src_dir: Folder with `encoder_model.{ort,onnx}` and `decoder_model_merged.{ort,onnx}`
+            (or an `onnx/` subfolder holding them).
+        out_dir: Destination; receives config.json, generation_config.json, model.safetensors
+            (fp32), tokenizer.json, tokenizer_config.json and preprocessor_config.json.
+        tokenizer_json: HF tokenizer.json; default: `tokenizer.json` in src_dir.
+        log: Optional callable receiving progress lines.
+
+    Returns:
+        Provenance: source files with sha256, quantisation summary, config provenance,
+        tensor and parameter counts (JSON-serialisable, for the caller's conversion record).
+
+    Raises:
+        ModelError: missing inputs or reader packages, or a graph this converter does not understand.
+    """
+    src_dir, out_dir = Path(src_dir), Path(out_dir)
+    encoder_file, decoder_file = find_model_files(src_dir)
+    tokenizer_json, tokenizer = _read_tokenizer(src_dir, encoder_file, tokenizer_json)
+
+    _note(log, f"reading {encoder_file.name} and {decoder_file.name} from {encoder_file.parent}")
+    enc, dec = load_graph(encoder_file), load_graph(decoder_file)
+    enc_params, dec_params = collect_params(enc), collect_params(dec)
+    weights = {**name_params(enc, enc_params, prefix="model.encoder."),
+               **name_params(dec, dec_params, prefix="")}
+    fields, provenance = derive_config(enc, dec, weights, tokenizer)
+    weights.pop("proj_out.weight", None)  # tied: derive_config checked it equals embed_tokens
+    _check_complete(src_dir, weights, fields)
+
+    _note(log, f"writing {len(weights)} tensors to {out_dir}")
+    _write_checkpoint(out_dir, weights, fields, tokenizer_json)
 
     params = enc_params + dec_params
     n_int8 = sum(p.recipe.startswith("int8") for p in params)

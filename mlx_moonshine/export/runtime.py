@@ -8,7 +8,7 @@ Rather than re-exporting a graph, the export takes the runtime's own graphs for 
 the wheel `convert` read them from) and writes the merged weights into them:
 
 1. the adapter is fused into the weights (`adapters.fuse_model`),
-2. every weight is found in the graph by the same naming `convert` used (`ort.named_sources`),
+2. every weight is found in the graph by the same naming `convert` used (`naming.named_sources`),
 3. weights that differ from the shipped ones are requantised per tensor with the scheme the graph already
    uses (base: int8 `q * scale + zero`, Cast -> Mul -> Add; tiny: ORT's dynamic uint8 `(q - zero_point) *
    scale`), and their bytes (data, scale, zero point) are overwritten in place: same dtypes and shapes,
@@ -107,8 +107,8 @@ def _int8_affine_names(graph, data: str) -> tuple[str, str]:
 
 def graph_slots(graph, prefix: str, tied: bool = True) -> dict[str, list[Slot]]:
     """HF name -> the slots holding it (two for a tied embedding stored again as proj_out)."""
-    from ..convert.ort import named_sources
-    from ..convert.ort_graph import collect_params, quantized_weights
+    from ..convert.dequant import collect_params, quantized_weights
+    from ..convert.naming import named_sources
 
     quant = quantized_weights(graph)
     slots: dict[str, list[Slot]] = {}
@@ -203,7 +203,7 @@ def patch_graph(src: Path, dst: Path, weights: dict[str, np.ndarray], prefix: st
 
 def _reference_value(graph, slot: Slot) -> np.ndarray:
     """The slot's float value as `convert` read it (graph layout)."""
-    from ..convert.ort_graph import QuantWeight, dequantize
+    from ..convert.dequant import QuantWeight, dequantize
 
     data = graph.initializers[slot.data]
     if slot.scheme == "float32":
@@ -211,7 +211,7 @@ def _reference_value(graph, slot: Slot) -> np.ndarray:
     if slot.scheme == "uint8-dynamic":
         return dequantize(graph, QuantWeight(slot.data, slot.scale, slot.zero, ""))
     scale, zero = graph.initializers[slot.scale], graph.initializers[slot.zero]
-    return np.add(np.multiply(data.astype(np.float32), scale), zero)  # Cast -> Mul -> Add, as ort_graph folds
+    return np.add(np.multiply(data.astype(np.float32), scale), zero)  # Cast -> Mul -> Add, as dequant folds
 
 
 # --------------------------------------------------------------------------------------
@@ -254,8 +254,10 @@ def reference_graphs(model_dir: Path, log: Log = None) -> tuple[str, Path]:
 def check_config(model_dir: Path, ref_dir: Path) -> None:
     """Refuse a config.json that differs from what the reference graphs compute, naming every field."""
     from ..loading import _read_json
-    from ..convert.ort import derive_config, name_params
-    from ..convert.ort_graph import collect_params, load_graph
+    from ..convert.dequant import collect_params
+    from ..convert.hf_config import derive_config
+    from ..convert.naming import name_params
+    from ..convert.ort_graph import load_graph
 
     enc, dec = load_graph(ref_dir / ENCODER), load_graph(ref_dir / DECODER)
     weights = {**name_params(enc, collect_params(enc), "model.encoder."),

@@ -244,12 +244,21 @@ class EncoderDecoder(nn.Module):
         logits, cache = model.decode(tokens, memory, valid, cache)  # cache=None: one uncached pass
         logits = model(input_values, decoder_input_ids, attention_mask)
 
-    Subclasses define `encode` and set `args` (with `tie_word_embeddings`), `model` (holding `.encoder`
-    and `.decoder`), an untied `proj_out` when the checkpoint has one, and `CONV_PREFIX`, where their
-    conv kernels live.
+    Subclasses define `encode`, pass their args and inner `model` (holding `.encoder` and `.decoder`) to
+    `__init__`, and set `CONV_PREFIX`, where their conv kernels live.
     """
 
     CONV_PREFIX = "model.encoder.conv"
+
+    def __init__(self, args, model: nn.Module):
+        """`args` needs `model_type`, `hidden_size`, `vocab_size` and `tie_word_embeddings`; an untied
+        checkpoint gets its own output head `proj_out`."""
+        super().__init__()
+        self.args = args
+        self.model_type = args.model_type
+        self.model = model
+        if not args.tie_word_embeddings:
+            self.proj_out = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
 
     def new_cache(self, memory: mx.array, memory_valid: Optional[mx.array] = None) -> DecoderCache:
         """A decoding cache for this utterance: per-layer self-attention K/V buffers (fixed capacity, grown

@@ -182,12 +182,7 @@ class Model(EncoderDecoder):
     """`MoonshineForConditionalGeneration` in MLX."""
 
     def __init__(self, args: ModelArgs):
-        super().__init__()
-        self.args = args
-        self.model_type = args.model_type
-        self.model = MoonshineModel(args)
-        if not args.tie_word_embeddings:
-            self.proj_out = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+        super().__init__(args, MoonshineModel(args))
 
     # -- seams ------------------------------------------------------------------------------------
     def encode(self, input_values: mx.array, lengths: Optional[mx.array] = None):

@@ -358,12 +358,7 @@ class StreamingModel(EncoderDecoder):
     CONV_PREFIX = "model.encoder.embedder.conv"
 
     def __init__(self, args: StreamingArgs):
-        super().__init__()
-        self.args = args
-        self.model_type = args.model_type
-        self.model = StreamingInner(args)
-        if not args.tie_word_embeddings:
-            self.proj_out = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+        super().__init__(args, StreamingInner(args))
 
     # -- seams ------------------------------------------------------------------------------------
     def encode(self, input_values: mx.array, lengths: Optional[mx.array] = None):
