@@ -101,6 +101,8 @@ def main():
              f"`python benchmarks/run_all.py --model BASE_MLX --hf BASE_HF --repeats {args.repeats} "
              f"--steps {args.steps} --eval-rows {args.eval_rows}"
              + ("".join(f" --eval-manifest {'/'.join(m.parts[-3:])}" for m in manifests) if args.eval_manifest else "")
+             + (" --mlxtune-python MLXTUNE_VENV/bin/python" if args.mlxtune_python else "")
+             + (" --race-mlxtune-warm" if args.race_mlxtune_warm else "")
              + "` (Moonshine base, fp32; every engine in its own process, the PyTorch ones without the "
              "OpenBLAS preload).\n",
              "## Transcription (greedy, same samples and token budget, one pass per clip; median of "
