@@ -209,13 +209,17 @@ def decode_memory(model, processor, memory: mx.array, valid: Optional[mx.array],
     n_steps = int(budgets.max())
     cache = model.new_cache(memory, valid)
     cache.reserve(n_steps)  # one capacity for the whole loop: the step keeps its shape
-    # The first step runs eagerly: it builds the weight copies and tables the compiled graph then
-    # captures as constants (built inside a trace they would be placeholders).
+    # The first step for a set of weights runs eagerly: it builds the weight copies and tables the compiled
+    # graph then captures as constants. Once they exist (`primed`), every step runs compiled.
     eager = lambda t, c: model.decode(t, cache=c)[0]  # noqa: E731
-    compiled = decode_step(model) if compile else eager
+    held = decode_step(model) if compile else None
+    compiled = held.step if held is not None else eager
+    first = compiled if held is not None and held.primed else eager
     tokens = np.full(n_audio * beam, start, dtype=np.int64)
     for step in range(n_steps):
-        logits = (compiled if step else eager)(mx.array(tokens[:, None]), cache)
+        logits = (compiled if step else first)(mx.array(tokens[:, None]), cache)
+        if held is not None:
+            held.primed = True
         logits = logits[:, -1, :]  # (N, V)
         logits = _filter_logits(logits, step, options, eos, strategy.live_sequences())
         tokens = strategy.update(logits, budgets - step, cache)
@@ -226,14 +230,16 @@ def decode_memory(model, processor, memory: mx.array, valid: Optional[mx.array],
 
 
 class _StepCache:
-    """The compiled decoding step of a model and the weight arrays it captured (a plain attribute)."""
+    """The compiled decoding step of a model, the weight arrays it captured (a plain attribute), and whether
+    an eager step has built the weight copies it captures (`primed`)."""
 
     weights: tuple = ()
     step: Optional[CompiledStep] = None
+    primed: bool = False
 
 
-def decode_step(model) -> CompiledStep:
-    """The model's compiled per-token step, rebuilt when any weight array changed (training, fuse, cast).
+def decode_step(model) -> _StepCache:
+    """The model's compiled per-token step (`.step`), rebuilt when any weight array changed (training, fuse, cast).
 
     A trace is not free, so the step lives across `decode_batch` calls (kept on the model); a trace captures
     the weights (and their transposed copies) as constants, so new weights need a new step.
@@ -247,7 +253,7 @@ def decode_step(model) -> CompiledStep:
         held = _StepCache()
         held.weights, held.step = weights, CompiledStep(lambda t, c: model.decode(t, cache=c)[0])
         model._decode_step = held
-    return held.step
+    return held
 
 
 def _filter_logits(logits: mx.array, step: int, options: DecodingOptions, eos: int, sequences) -> mx.array:

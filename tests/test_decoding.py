@@ -109,9 +109,14 @@ def test_compiled_step_gives_the_eager_tokens(tiny, beam):
     model, processor = tiny
     audio = clips([16000, 5000, 30000, 9000], seed=5)
     opts = DecodingOptions(beam_size=beam)
+    from mlx_moonshine.decoding import decode_step
+
+    model._decode_step = None  # a fresh step: its first call runs step 0 eagerly and primes it
     compiled = decode_batch(model, processor, audio, opts)
+    assert decode_step(model).primed
+    again = decode_batch(model, processor, audio, opts)  # primed: every step compiled, step 0 included
     eager = decode_batch(model, processor, audio, opts, compile=False)
-    assert [r.tokens for r in compiled] == [r.tokens for r in eager]
+    assert [r.tokens for r in compiled] == [r.tokens for r in again] == [r.tokens for r in eager]
 
 
 def test_kv_cache_keeps_its_shape_and_grows_in_blocks(tiny):
