@@ -1,11 +1,7 @@
-"""Model configs and loading errors: what needs neither torch nor transformers (the parity files skip without them)."""
-
-import pytest
+"""Model configs: what needs neither torch nor transformers (the parity files skip without them)."""
 
 import mlx_moonshine  # noqa: F401  (preloads OpenBLAS before mlx)
-from mlx_moonshine.errors import ModelError
 from mlx_moonshine.models.moonshine import ModelArgs
-from mlx_moonshine.models.streaming import StreamingModel
 
 # test_model.py's TINY (imported from there, this file would skip without torch too)
 TINY = dict(vocab_size=120, hidden_size=64, intermediate_size=96, encoder_num_hidden_layers=2,
@@ -23,6 +19,11 @@ def test_config_tolerates_unknown_keys_and_round_trips():
     assert back.to_dict()["some_future_field"] == 3
 
 
-def test_from_hf_dir_names_missing_files(tmp_path):
-    with pytest.raises(ModelError, match="config.json"):
-        StreamingModel.from_hf_dir(tmp_path)
+def test_a_folder_without_config_json_is_named_in_the_error(tmp_path):
+    import pytest
+
+    from mlx_moonshine.errors import ModelError
+    from mlx_moonshine.loading import load_model
+
+    with pytest.raises(ModelError, match="no config.json"):
+        load_model(tmp_path)

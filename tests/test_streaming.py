@@ -6,6 +6,8 @@ medium 768/640 encoder/decoder); layers are cut to two and audio to about a seco
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -55,10 +57,12 @@ def torch_model(name: str, seed: int = 0):
     return model
 
 
-def to_mlx(tmodel, tmp_path) -> StreamingModel:
-    """Through the real loading path: save_pretrained, then from_hf_dir (config + sanitize)."""
+def to_mlx(tmodel, tmp_path, dtype=None) -> StreamingModel:
+    """Through the real loading path: save_pretrained, then `loading.load_model` (config + sanitize)."""
+    from mlx_moonshine.loading import load_model
+
     tmodel.save_pretrained(tmp_path)
-    return StreamingModel.from_hf_dir(tmp_path)
+    return load_model(Path(tmp_path), dtype)
 
 
 def audio(seconds: float, seed: int) -> np.ndarray:
@@ -148,11 +152,12 @@ def test_cached_decoding_equals_full_recomputation(tmp_path):
     np.testing.assert_allclose(np.concatenate([np.array(first)] + rest, axis=1), full, atol=1e-4)
 
 
-@pytest.mark.parametrize("dtype", [mx.float16, mx.bfloat16])
-def test_half_precision_runs(dtype, tmp_path):
+@pytest.mark.parametrize("name", ["float16", "bfloat16"])
+def test_half_precision_runs(name, tmp_path):
+    dtype = getattr(mx, name)
     tmodel = torch_model("tiny")
     ref = to_mlx(tmodel, tmp_path)
-    model = StreamingModel.from_hf_dir(tmp_path, dtype=dtype)
+    model = to_mlx(tmodel, tmp_path, dtype=name)
     x = mx.array(audio(1.0, 5)[None])
     ids = mx.array([[1, 5, 9]], dtype=mx.int32)
     logits = model(x, ids)

@@ -46,9 +46,7 @@ Where MLX and transformers 5.x differ (and transformers' oddities):
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Optional
 
 import mlx.core as mx
@@ -376,24 +374,3 @@ class StreamingModel(EncoderDecoder):
         if lengths is not None and lengths.ndim == 2:
             lengths = lengths.astype(mx.int32).sum(axis=-1)
         return self.model.encoder(input_values, lengths)
-
-    @classmethod
-    def from_hf_dir(cls, path, dtype=mx.float32) -> "StreamingModel":
-        """Load a Hugging Face checkpoint folder (config.json + model.safetensors)."""
-        path = Path(path)
-        config_file, weights_file = path / "config.json", path / "model.safetensors"
-        for f in (config_file, weights_file):
-            if not f.is_file():
-                raise ModelError(f"{f} not found; point at a Hugging Face Moonshine Streaming folder "
-                                 "holding config.json and model.safetensors")
-        try:
-            model = cls(StreamingArgs.from_dict(json.loads(config_file.read_text())))
-            weights = model.sanitize(mx.load(str(weights_file)))
-            weights = {k: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v
-                       for k, v in weights.items()}
-            model.load_weights(list(weights.items()), strict=True)
-        except (ValueError, KeyError, json.JSONDecodeError) as e:
-            raise ModelError(f"cannot load {path} as a Moonshine Streaming model: {e}") from e
-        mx.eval(model.parameters())
-        model.eval()
-        return model
