@@ -66,6 +66,14 @@ class GreedyStrategy:
     def update(self, logits: mx.array, budget_left: np.ndarray, cache) -> np.ndarray:
         """logits (rows, V) -> next input tokens for the rows still decoding."""
         next_tokens = np.array(mx.argmax(logits, axis=-1)).astype(np.int64)
+        keep = self.accept(next_tokens, budget_left)
+        if keep is not None:
+            cache.reorder(mx.array(np.flatnonzero(keep)))
+            next_tokens = next_tokens[keep]
+        return next_tokens
+
+    def accept(self, next_tokens: np.ndarray, budget_left: np.ndarray) -> Optional[np.ndarray]:
+        """Take each live row's token; the mask of rows that go on when some (not all) finished, else None."""
         for tok, a in zip(next_tokens, self.rows):
             if tok == self.eos:
                 self.finished[a] = True
@@ -75,9 +83,9 @@ class GreedyStrategy:
                     self.finished[a] = self.truncated[a] = True
         keep = ~self.finished[self.rows]
         if keep.any() and not keep.all():
-            cache.reorder(mx.array(np.flatnonzero(keep)))
-            self.rows, next_tokens = self.rows[keep], next_tokens[keep]
-        return next_tokens
+            self.rows = self.rows[keep]
+            return keep
+        return None
 
     def done(self) -> bool:
         return bool(self.finished.all())
@@ -216,17 +224,49 @@ def decode_memory(model, processor, memory: mx.array, valid: Optional[mx.array],
     compiled = held.step if held is not None else eager
     first = compiled if held is not None and held.primed else eager
     tokens = np.full(n_audio * beam, start, dtype=np.int64)
-    for step in range(n_steps):
-        logits = (compiled if step else first)(mx.array(tokens[:, None]), cache)
-        if held is not None:
-            held.primed = True
-        logits = logits[:, -1, :]  # (N, V)
-        logits = _filter_logits(logits, step, options, eos, strategy.live_sequences())
-        tokens = strategy.update(logits, budgets - step, cache)
-        if strategy.done():
-            break
+    if held is not None and beam == 1 and not options.no_repeat_ngram_size:
+        _greedy_pipelined(compiled, first, cache, tokens, budgets, n_steps, options, eos, strategy)
+        held.primed = True
+    else:
+        for step in range(n_steps):
+            logits = (compiled if step else first)(mx.array(tokens[:, None]), cache)
+            if held is not None:
+                held.primed = True
+            logits = logits[:, -1, :]  # (N, V)
+            logits = _filter_logits(logits, step, options, eos, strategy.live_sequences())
+            tokens = strategy.update(logits, budgets - step, cache)
+            if strategy.done():
+                break
     return [DecodeResult(tokens=seq, text=processor.tokenizer.decode(seq), score=score, truncated=trunc)
             for seq, score, trunc in strategy.finalize()]
+
+
+def _greedy_pipelined(compiled, first, cache, tokens: np.ndarray, budgets: np.ndarray, n_steps: int,
+                      options: DecodingOptions, eos: int, strategy: GreedyStrategy) -> None:
+    """The greedy loop with the host one step behind: step s+1 is queued (`mx.async_eval`) before step s's
+    tokens are read, so reading them, the strategy and building the next graph overlap the step itself.
+
+    The same tokens as the plain loop: the next input is the argmax on the device, and rows that finished at
+    step s are dropped from the cache (and from step s+1's tokens) before step s+2 is queued; their share of
+    the step already queued is computed and thrown away.
+    """
+    def launch(step: int, y: mx.array) -> mx.array:
+        logits = (compiled if step else first)(y[:, None], cache)[:, -1, :]
+        nxt = mx.argmax(_filter_logits(logits, step, options, eos, None), axis=-1)
+        mx.async_eval(nxt)
+        return nxt
+
+    pending = launch(0, mx.array(tokens))
+    for step in range(n_steps):
+        queued = launch(step + 1, pending) if step + 1 < n_steps else None
+        keep = strategy.accept(np.array(pending).astype(np.int64), budgets - step)
+        if strategy.done() or queued is None:
+            return
+        if keep is not None:
+            rows = mx.array(np.flatnonzero(keep))
+            cache.reorder(rows)
+            queued = queued[rows]
+        pending = queued
 
 
 class _StepCache:
