@@ -224,7 +224,7 @@ def decode_memory(model, processor, memory: mx.array, valid: Optional[mx.array],
     compiled = held.step if held is not None else eager
     first = compiled if held is not None and held.primed else eager
     tokens = np.full(n_audio * beam, start, dtype=np.int64)
-    if held is not None and isinstance(strategy, GreedyStrategy) and not options.no_repeat_ngram_size:
+    if held is not None and hasattr(strategy, "accept") and not options.no_repeat_ngram_size:  # greedy
         _greedy_pipelined(compiled, first, cache, tokens, budgets, n_steps, options, eos, strategy)
         held.primed = True
     else:
