@@ -52,6 +52,8 @@ class DecodeResult:
 class GreedyStrategy:
     """argmax per step (no softmax needed). Finished utterances leave the batch (and the KV cache)."""
 
+    pipelined = True  # takes its tokens one step late (`accept`): decode_memory queues the next step first
+
     def __init__(self, n_audio: int, eos: int):
         self.beam = 1
         self.eos = eos
@@ -96,6 +98,8 @@ class GreedyStrategy:
 
 class BeamSearchStrategy:
     """Beam search over `beam` rows per audio; finished hypotheses are collected until `beam` exist."""
+
+    pipelined = False  # the next inputs depend on the host's ranking of this step's candidates
 
     def __init__(self, n_audio: int, eos: int, beam: int, length_penalty: Optional[float]):
         self.beam = beam
@@ -224,19 +228,18 @@ def decode_memory(model, processor, memory: mx.array, valid: Optional[mx.array],
     compiled = held.step if held is not None else eager
     first = compiled if held is not None and held.primed else eager
     tokens = np.full(n_audio * beam, start, dtype=np.int64)
-    if held is not None and hasattr(strategy, "accept") and not options.no_repeat_ngram_size:  # greedy
+    if held is not None and strategy.pipelined and not options.no_repeat_ngram_size:  # the n-gram ban reads tokens
         _greedy_pipelined(compiled, first, cache, tokens, budgets, n_steps, options, eos, strategy)
-        held.primed = True
     else:
         for step in range(n_steps):
             logits = (compiled if step else first)(mx.array(tokens[:, None]), cache)
-            if held is not None:
-                held.primed = True
             logits = logits[:, -1, :]  # (N, V)
             logits = _filter_logits(logits, step, options, eos, strategy.live_sequences())
             tokens = strategy.update(logits, budgets - step, cache)
             if strategy.done():
                 break
+    if held is not None:
+        held.primed = True
     return [DecodeResult(tokens=seq, text=processor.tokenizer.decode(seq), score=score, truncated=trunc)
             for seq, score, trunc in strategy.finalize()]
 

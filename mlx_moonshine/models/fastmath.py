@@ -206,7 +206,8 @@ class TransposedCopy:
 def rows_product(x: mx.array, t: TransposedCopy) -> mx.array:
     """`x @ t.weight_t`; for one or two rows of a big weight on the CPU, one batched product of small blocks.
 
-    The blocks are built on first use, which must be outside a compiled trace (decoding's first step is eager).
+    The blocks are built on first use, from the weights alone (no traced input), so a first use inside a
+    compiled step works too (rows leaving a decoding batch; tested on real weights).
     """
     K, N = t.weight_t.shape
     c = _block_width(K, N)

@@ -242,7 +242,7 @@ def replay_parts(samples, positions, is_replay: Callable[[object], bool], min_sa
         return [(samples, positions)]
     seconds = [s.duration or data_lib.sample_duration(s) for s in samples]
     padded = lambda idx: len(idx) * bucket(max(seconds[j] for j in idx), AUDIO_BUCKETS, 5.0)  # noqa: E731
-    domain = [j for j in range(len(samples)) if j not in set(replay)]
+    domain = sorted(set(range(len(samples))) - set(replay))
     if padded(domain) + padded(replay) > (1 - min_saving) * padded(range(len(samples))):
         return [(samples, positions)]
     return [([samples[j] for j in idx], [positions[j] for j in idx]) for idx in (domain, replay)]
